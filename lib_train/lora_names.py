@@ -1,0 +1,113 @@
+"""Which layers of an SD1 model get a LoRA, and the exact kohya key name of each.
+
+The WebUI holds the UNet in the original LDM layout (``input_blocks / middle_block / output_blocks``)
+but kohya writes SD1/SD2 UNet keys with diffusers paths (``down_blocks / mid_block / up_blocks``).
+A1111, ComfyUI and diffusers all map those names back, so we write exactly what kohya writes.
+Text-encoder keys always contain ``text_model_`` whatever the transformers version (transformers 5
+dropped the ``.text_model`` submodule), so they are built from the layer index, not from module paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+# Container classes whose Linear / Conv2d descendants get a LoRA, by LDM class name.
+ATTENTION_CONTAINERS = ("SpatialTransformer",)
+CONV_CONTAINERS = ("ResBlock", "Downsample", "Upsample")
+
+# LDM ResBlock children -> diffusers ResnetBlock2D children.
+_RESBLOCK_CHILDREN = {
+    "in_layers.2": "conv1",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+# CLIP encoder-layer children that get a LoRA (HF CLIPAttention / CLIPMLP).
+TEXT_ENCODER_CHILDREN = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """A layer of the host model and the kohya key its LoRA is saved under."""
+
+    key: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    module: nn.Module  # the nn.Linear or nn.Conv2d in the host model
+    is_conv_3x3: bool  # gets conv rank/alpha instead of the linear ones
+
+
+def unet_targets(unet: nn.Module, with_convs: bool) -> list[LoraTarget]:
+    """LoRA targets of an LDM SD1/SD2 UNet, in module order, with kohya's diffusers-style keys."""
+    containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if with_convs else ())
+    targets: list[LoraTarget] = []
+    seen: set[int] = set()
+    for container_path, container in unet.named_modules():
+        kind = type(container).__name__
+        if kind not in containers:
+            continue
+        for child_path, child in container.named_modules():
+            if id(child) in seen or not isinstance(child, (nn.Linear, nn.Conv2d)):
+                continue
+            is_3x3 = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
+            if is_3x3 and not with_convs:
+                continue
+            seen.add(id(child))
+            diffusers_path = ldm_to_diffusers_path(container_path, kind, child_path)
+            targets.append(LoraTarget("lora_unet_" + diffusers_path.replace(".", "_"), child, is_3x3))
+    return targets
+
+
+def ldm_to_diffusers_path(container_path: str, container_kind: str, child_path: str) -> str:
+    """Translate ``input_blocks.4.1`` + ``transformer_blocks.0.attn1.to_q`` to the diffusers path."""
+    match = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)|middle_block\.(\d+)", container_path)
+    if match is None:
+        raise ValueError(f"Unexpected UNet layout at {container_path!r}")
+    if container_kind == "ResBlock":
+        child_path = _RESBLOCK_CHILDREN.get(child_path, child_path)
+    elif container_kind in ("Downsample", "Upsample"):
+        child_path = "conv"  # LDM `op` (down) and `conv` (up) are both `...samplers.0.conv`
+
+    if match.group(4) is not None:  # middle_block.{0,1,2} = resnet, attention, resnet
+        index = int(match.group(4))
+        block = "mid_block.attentions.0" if container_kind == "SpatialTransformer" else f"mid_block.resnets.{index // 2}"
+        return f"{block}.{child_path}"
+
+    side, block_index = match.group(1), int(match.group(2))
+    if side == "input_blocks":
+        level, layer = divmod(block_index - 1, 3)  # input_blocks.0 is conv_in, never a container
+        group = {"ResBlock": f"resnets.{layer}", "SpatialTransformer": f"attentions.{layer}",
+                 "Downsample": "downsamplers.0"}[container_kind]
+        return f"down_blocks.{level}.{group}.{child_path}"
+    level, layer = divmod(block_index, 3)
+    group = {"ResBlock": f"resnets.{layer}", "SpatialTransformer": f"attentions.{layer}",
+             "Upsample": "upsamplers.0"}[container_kind]
+    return f"up_blocks.{level}.{group}.{child_path}"
+
+
+def text_encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a Hugging Face CLIPTextModel (transformers 4 or 5)."""
+    root = getattr(text_encoder, "text_model", text_encoder)
+    try:
+        return root.encoder.layers
+    except AttributeError:
+        raise ValueError(f"{type(text_encoder).__name__} is not a CLIP text model (no encoder.layers)") from None
+
+
+def text_encoder_targets(text_encoder: nn.Module, key_prefix: str) -> list[LoraTarget]:
+    """LoRA targets of a CLIP text encoder: attention q/k/v/out and both MLP layers of every layer."""
+    targets = []
+    for index, layer in enumerate(text_encoder_layers(text_encoder)):
+        for child in TEXT_ENCODER_CHILDREN:
+            module = layer.get_submodule(child)
+            key = f"{key_prefix}_text_model_encoder_layers_{index}_{child.replace('.', '_')}"
+            targets.append(LoraTarget(key, module, False))
+    return targets
