@@ -1,0 +1,76 @@
+"""Headless training: ``python -m lib_train train --config FILE [--checkpoint PATH] [--device cuda]``.
+
+With ``--checkpoint`` it trains on an SD1.x ``.safetensors`` checkpoint; without, on the built-in tiny
+model (a demo that runs in seconds on a CPU and writes a real kohya-format LoRA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .errors import TrainToolsError
+from .host import BaseModelInfo, Progress
+from .host_standalone import StandaloneHost
+from .model_hashes import legacy_hash, sha256_of_file
+from .models_sd1 import build_tiny_sd1, load_sd1_checkpoint
+from .train import train_lora
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_train")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a LoRA from a TOML config")
+    train.add_argument("--config", required=True, help="TOML file with the training settings")
+    train.add_argument("--checkpoint", help="SD1.x .safetensors checkpoint (default: the built-in tiny demo model)")
+    train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = TrainConfig.from_toml(args.config).validate()
+        host = _load_host(args.checkpoint, args.device, config)
+        result = train_lora(host, config)
+    except TrainToolsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    status = "stopped" if result.stopped else "done"
+    print(f"{status}: {result.steps}/{result.total_steps} steps, setup {result.setup_seconds:.1f}s")
+    for path in result.saved_files:
+        print(f"saved {path}")
+    return 0
+
+
+def _load_host(checkpoint: str | None, device: str, config: TrainConfig) -> StandaloneHost:
+    started = time.time()
+    if checkpoint is None:
+        model, info = build_tiny_sd1(seed=0), BaseModelInfo(name="train-tools-tiny-demo")
+    else:
+        path = Path(checkpoint)
+        model = load_sd1_checkpoint(path)
+        info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
+    # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype;
+    # the VAE stays float32 so latents are cached at full precision.
+    weights_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    if weights_dtype is not None:
+        model.unet.to(weights_dtype)
+        model.text_encoder.to(weights_dtype)
+    print(f"model ready in {time.time() - started:.1f}s", file=sys.stderr)
+    return StandaloneHost(model, device=device, clip_skip=config.clip_skip, base_model=info,
+                          on_progress=_print_progress, seed=config.seed)
+
+
+def _print_progress(progress: Progress) -> None:
+    if progress.phase == "training":
+        print(f"epoch {progress.epoch}/{progress.total_epochs} step {progress.step}/{progress.total_steps} "
+              f"loss {progress.loss:.4f}", file=sys.stderr)
+    elif progress.message:
+        print(progress.message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

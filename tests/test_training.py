@@ -1,0 +1,172 @@
+"""Real training steps on the tiny SD1: learning, determinism, restore guarantees, stop and NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib_train.config import TrainConfig
+from lib_train.dataset import load_rgb, pixels_to_tensor
+from lib_train.diffusion_loss import add_noise, diffusion_loss
+from lib_train.errors import ConfigError, TrainingDiverged
+from lib_train.host_standalone import StandaloneHost
+from lib_train.model_guard import fingerprint, hook_count
+from lib_train.models_sd1 import build_tiny_sd1
+from lib_train.network import LoRANetwork
+from lib_train.train import train_lora
+
+from .conftest import make_concept_images, tiny_config
+
+
+def eval_loss(host, latents, captions, state=None) -> float:
+    """Loss on fixed noise and timesteps, with the given LoRA state attached (or the bare model)."""
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    network = None
+    if state is not None:
+        network = LoRANetwork.for_host(host, rank=4, alpha=4.0, train_text_encoder=True)
+        network.load_kohya_state_dict(state)
+        network.attach()
+    with torch.no_grad():
+        for _ in range(8):
+            noisy, noise, t = add_noise(latents, host.alphas_cumprod(), generator)
+            losses.append(float(diffusion_loss(host.predict(noisy, t, host.encode_captions(captions)), noise)))
+    if network is not None:
+        network.detach()
+    return sum(losses) / len(losses)
+
+
+def full_fingerprint(host: StandaloneHost) -> str:
+    return fingerprint(host.model)
+
+
+def test_training_lowers_the_loss(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "4_concept", count=4)
+    config = tiny_config(tmp_path / "data", tmp_path / "out", epochs=6, save_every_n_epochs=0, batch_size=4,
+                         unet_lr=1e-2, text_encoder_lr=5e-3)
+    result = train_lora(tiny_host, config)
+    assert result.steps == result.total_steps == 6 * 4  # 4 images x 4 repeats / batch 4 per epoch
+    state = load_file(str(result.saved_files[-1]))
+
+    images = [load_rgb(p) for p in sorted((tmp_path / "data" / "4_concept").glob("*.png"))]
+    pixels = pixels_to_tensor(images)
+    with torch.no_grad():
+        latents = tiny_host.encode_images(pixels)
+    captions = [(p.with_suffix(".txt")).read_text() for p in sorted((tmp_path / "data" / "4_concept").glob("*.png"))]
+    before = eval_loss(tiny_host, latents, captions)
+    after = eval_loss(tiny_host, latents, captions, state)
+    assert after < before * 0.9, (before, after)
+
+
+def test_same_seed_gives_bit_identical_lora(tmp_path):
+    make_concept_images(tmp_path / "data" / "2_concept", count=4)
+    states = []
+    for run in range(2):
+        host = StandaloneHost(build_tiny_sd1(seed=0))
+        config = tiny_config(tmp_path / "data", tmp_path / f"out{run}", epochs=2, shuffle_caption=True,
+                             flip_aug=True, caption_dropout_rate=0.2)
+        result = train_lora(host, config)
+        states.append(load_file(str(result.saved_files[-1])))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(states[0][k].abs().sum() > 0 for k in states[0] if "lora_up" in k)
+
+
+def test_host_identical_after_training_and_every_epoch_saved(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=4)
+    before = full_fingerprint(tiny_host)
+    flags = [p.requires_grad for p in tiny_host.model.parameters()]
+    config = tiny_config(tmp_path / "data", tmp_path / "out", epochs=3, gradient_checkpointing=True,
+                         min_snr_gamma=5.0, noise_offset=0.05, lr_scheduler="cosine", lr_warmup_steps=1,
+                         gradient_accumulation_steps=2)
+    result = train_lora(tiny_host, config)
+    assert [p.name for p in result.saved_files] == ["tiny-000001.safetensors", "tiny-000002.safetensors", "tiny.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["tiny-000001.safetensors", "tiny-000001.json", "tiny-000002.safetensors", "tiny-000002.json",
+         "tiny.safetensors", "tiny.json"])
+    assert full_fingerprint(tiny_host) == before
+    assert [p.requires_grad for p in tiny_host.model.parameters()] == flags
+    assert all(p.grad is None for p in tiny_host.model.parameters())
+    assert hook_count(tiny_host.model) == 0
+    assert [p.phase for p in tiny_host.progress_log][-1] == "done"
+
+
+def test_host_restored_after_exception_inside_a_step(tiny_host, tmp_path, monkeypatch):
+    make_concept_images(tmp_path / "data" / "1_concept", count=4)
+    # The WebUI leaves its UNet with requires_grad=True; those flags must come back too.
+    tiny_host.model.unet.requires_grad_(True)
+    before = full_fingerprint(tiny_host)
+    calls = {"n": 0}
+    real_predict = tiny_host.predict
+
+    def failing_predict(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step of epoch 1, before anything is saved
+            raise RuntimeError("CUDA out of memory (simulated inside a step)")
+        return real_predict(*args)
+
+    monkeypatch.setattr(tiny_host, "predict", failing_predict)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", gradient_checkpointing=True))
+    monkeypatch.undo()
+    assert full_fingerprint(tiny_host) == before
+    assert hook_count(tiny_host.model) == 0
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_stop_between_steps_keeps_saved_epochs_and_restores(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "2_concept", count=4)
+    before = full_fingerprint(tiny_host)
+
+    def stop_in_epoch_two(progress):
+        if progress.phase == "training" and progress.epoch == 2:
+            tiny_host.request_stop()
+
+    tiny_host._on_progress = stop_in_epoch_two
+    result = train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", epochs=3))
+    assert result.stopped
+    assert [p.name for p in result.saved_files] == ["tiny-000001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny-000001.json", "tiny-000001.safetensors"]
+    assert full_fingerprint(tiny_host) == before and hook_count(tiny_host.model) == 0
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_host, tmp_path, monkeypatch):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    before = full_fingerprint(tiny_host)
+    real_predict = tiny_host.predict
+    monkeypatch.setattr(tiny_host, "predict", lambda *a: real_predict(*a) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out"))
+    monkeypatch.undo()
+    assert full_fingerprint(tiny_host) == before and hook_count(tiny_host.model) == 0
+
+
+def test_unet_only_training_leaves_text_encoder_untrained(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    result = train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", text_encoder_lr=0.0, epochs=1))
+    state = load_file(str(result.saved_files[-1]))
+    assert not any(k.startswith("lora_te_") for k in state)
+    assert len([k for k in state if k.endswith(".alpha")]) == 192
+
+
+def test_bf16_autocast_on_cpu_trains(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    result = train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", mixed_precision="bf16", epochs=1))
+    assert result.steps == 1 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mixed_precision="fp16"), "fp16 mixed precision needs a CUDA GPU"),
+    (dict(optimizer="AdamW8bit"), "AdamW8bit runs on a CUDA GPU only"),
+])
+def test_cpu_only_refusals_are_clear(tiny_host, tmp_path, overrides, message):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    before = full_fingerprint(tiny_host)
+    with pytest.raises(ConfigError, match=message):
+        train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", **overrides))
+    assert full_fingerprint(tiny_host) == before and not (tmp_path / "out").exists()
+
+
+def test_config_defaults_validate():
+    TrainConfig(name="x", train_dir="d", output_dir="o").validate()
