@@ -7,6 +7,8 @@ model (a demo that runs in seconds on a CPU and writes a real kohya-format LoRA)
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help="TOML file with the training settings")
     train.add_argument("--checkpoint", help="SD1.x .safetensors checkpoint (default: the built-in tiny demo model)")
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
     args = parser.parse_args(argv)
+    started = time.time()
 
     try:
         config = TrainConfig.from_toml(args.config).validate()
@@ -42,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{status}: {result.steps}/{result.total_steps} steps, setup {result.setup_seconds:.1f}s")
     for path in result.saved_files:
         print(f"saved {path}")
+    if args.summary_json:
+        summary = {
+            "steps": result.steps,
+            # from the start of the command (model loading included) to the first training step
+            "setup_seconds": result.started_training_at - started if result.step_seconds else None,
+            "step_seconds": result.step_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        }
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +147,10 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10 (the WebUI's tested version): install.py provides tomli
+            import tomli as tomllib
         path = Path(path)
         try:
             with path.open("rb") as handle:

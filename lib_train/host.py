@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from contextlib import AbstractContextManager
 from typing import Protocol, Union
 
 import torch
@@ -83,6 +84,10 @@ class TrainingHost(Protocol):
     device: torch.device
     dtype: torch.dtype  # dtype of the UNet weights
     base_model: BaseModelInfo
+
+    def training_session(self) -> AbstractContextManager[None]:
+        """Entered around the whole run: the host switches to what training needs (attention
+        implementation, caches, offloading) and switches back on exit, whatever happened."""
 
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's original training noise schedule, float32, shape (1000,)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_sdpa import sdpa_attention
 from .clip_tokenizer import clip_tokenizer
 from .host import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
 from .models_sd1 import VAE_SCALE_FACTOR, SD1Model, sd1_alphas_cumprod
@@ -47,6 +48,9 @@ class StandaloneHost:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.unet.parameters()).dtype
+
+    def training_session(self):
+        return sdpa_attention(self.model.unet)
 
     def alphas_cumprod(self) -> torch.Tensor:
         return sd1_alphas_cumprod().to(self.device)

@@ -90,8 +90,11 @@ def _randomise_zero_weights(module: nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
 
 
-def load_sd1_checkpoint(path: str | Path) -> SD1Model:
-    """Load an SD1.x ``.safetensors`` checkpoint in the original LDM key layout. No pickle is ever read."""
+def load_sd1_checkpoint(path: str | Path, unet_config: dict = SD15_UNET, vae_config: dict = SD15_VAE,
+                       text_config: dict = SD15_TEXT) -> SD1Model:
+    """Load an SD1.x ``.safetensors`` checkpoint in the original LDM key layout. No pickle is ever read.
+
+    The configs default to SD1.5's; tests pass the tiny ones."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -116,7 +119,7 @@ def load_sd1_checkpoint(path: str | Path) -> SD1Model:
 
     # Build on the meta device and adopt the file's tensors: no random init, no second copy in RAM.
     with torch.device("meta"):
-        model = build_sd1(SD15_UNET, SD15_VAE, SD15_TEXT)
+        model = build_sd1(unet_config, vae_config, text_config)
     ours = model.state_dict()
     wanted = {k: v for k, v in state.items() if k in ours}
     missing = sorted(set(ours) - set(wanted) - {"cond_stage_model.transformer.text_model.embeddings.position_ids"})
@@ -129,6 +132,9 @@ def load_sd1_checkpoint(path: str | Path) -> SD1Model:
                               f"SD1.x needs {tuple(ours[mismatched[0]].shape)}.")
     model.load_state_dict(wanted, strict=False, assign=True)
     _rebuild_position_ids(model.text_encoder)
+    still_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise CheckpointError(f"{path.name}: no value for {still_empty[0]}.")
     model.float()
     return model.eval()
 

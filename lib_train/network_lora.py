@@ -14,6 +14,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type) exists from torch 2.4; the WebUI ships 2.1."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 class LoRAModule(nn.Module):
     def __init__(self, key: str, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
@@ -49,7 +57,7 @@ class LoRAModule(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA term for input ``x`` (already scaled by alpha/rank and the multiplier)."""
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
         return self.lora_up(self.lora_down(x)) * (self.scale * self.multiplier)
 

@@ -32,6 +32,7 @@ class TrainResult:
     total_steps: int = 0
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     setup_seconds: float = 0.0  # start until the first training step
+    started_training_at: float = 0.0  # time.time() of the first training step
     step_seconds: list[float] = field(default_factory=list)
 
 
@@ -60,6 +61,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     text_encoder_modules = [encoder.module for encoder in host.text_encoders]
     with ExitStack() as cleanup:
         try:
+            cleanup.enter_context(host.training_session())
             cleanup.enter_context(frozen([host.unet, *text_encoder_modules]))
             _cache_latents(host, data)
 
@@ -75,14 +77,15 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
             optimizer = make_optimizer(config.optimizer, network.parameter_groups(config.unet_lr, config.text_encoder_lr),
                                        config.weight_decay, host.device)
             schedule = make_lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, result.total_steps)
-            scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+            scaler = _grad_scaler() if amp_dtype == torch.float16 else None
             autocast = torch.autocast(host.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             generator = torch.Generator(device=host.device).manual_seed(config.seed)
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
             conditioning = _ConditioningCache(host, cacheable=not (config.train_text_encoder or config.shuffle_caption
                                                                    or config.caption_dropout_rate > 0))
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
-            result.setup_seconds = time.time() - started
+            result.started_training_at = time.time()
+            result.setup_seconds = result.started_training_at - started
 
             for epoch in range(1, config.epochs + 1):
                 batches = list(data.batches(epoch - 1))
@@ -148,6 +151,13 @@ def _autocast_dtype(config: TrainConfig, host: TrainingHost) -> torch.dtype | No
     if requested is None and host.dtype != torch.float32:
         return host.dtype  # half-precision weights (the WebUI on a GPU) only run under autocast
     return requested
+
+
+def _grad_scaler():
+    """torch.amp.GradScaler from torch 2.3; torch.cuda.amp.GradScaler before (the WebUI ships 2.1)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def _cache_latents(host: TrainingHost, data: TrainingData) -> None:

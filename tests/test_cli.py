@@ -1,0 +1,60 @@
+"""The headless entry point, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from lib_train.config import TrainConfig
+from lib_train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lib_train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_demo_trains_on_the_tiny_model_and_writes_kohya_files(tmp_path):
+    config = (ROOT / "examples" / "demo.toml").read_text(encoding="utf-8")
+    config = config.replace('train_dir = "demo_data"', f'train_dir = "{ROOT / "examples" / "demo_data"}"')
+    config = config.replace('output_dir = "../out/demo"', f'output_dir = "{tmp_path / "out"}"')
+    (tmp_path / "demo.toml").write_text(config, encoding="utf-8")
+    completed = run_cli("train", "--config", str(tmp_path / "demo.toml"), "--summary-json", str(tmp_path / "s.json"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "done: 36/36 steps" in completed.stdout
+    final = tmp_path / "out" / "ttdemo.safetensors"
+    with safe_open(str(final), "pt") as handle:
+        assert handle.metadata()["ss_output_name"] == "ttdemo"
+        assert len([k for k in handle.keys() if k.endswith(".alpha")]) == 277 + 12
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 36 and len(summary["step_seconds"]) == 36 and summary["peak_rss_mb"] > 0
+
+
+def test_errors_are_reported_without_a_traceback(tmp_path):
+    (tmp_path / "bad.toml").write_text('name = "x"\nrank = "sixteen"\n', encoding="utf-8")
+    completed = run_cli("train", "--config", str(tmp_path / "bad.toml"))
+    assert completed.returncode == 2
+    assert "error: Setting 'rank' must be int" in completed.stderr and "Traceback" not in completed.stderr
+
+    good = tmp_path / "good.toml"
+    good.write_text(f'name = "x"\ntrain_dir = "{tmp_path}"\noutput_dir = "{tmp_path / "o"}"\n', encoding="utf-8")
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    completed = run_cli("train", "--config", str(good), "--checkpoint", str(tmp_path / "model.ckpt"))
+    assert completed.returncode == 2 and "only .safetensors" in completed.stderr
+
+
+def test_toml_paths_are_relative_to_the_file_and_unknown_keys_refused(tmp_path):
+    (tmp_path / "c.toml").write_text('name = "x"\ntrain_dir = "data"\noutput_dir = "/abs/out"\n', encoding="utf-8")
+    config = TrainConfig.from_toml(tmp_path / "c.toml")
+    assert config.train_dir == str(tmp_path / "data") and config.output_dir == "/abs/out"
+    (tmp_path / "d.toml").write_text('name = "x"\nlearning_rate = 1e-4\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"Unknown setting\(s\): learning_rate"):
+        TrainConfig.from_toml(tmp_path / "d.toml")
