@@ -186,7 +186,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 @dataclass
 class Batch:
-    latents: torch.Tensor  # (B, C, h, w) float32, unscaled (multiply by the VAE scale factor)
+    latents: torch.Tensor  # (B, C, h, w) float32, as `encode` returned them
     captions: list[str]
     records: list[ImageRecord]
 
