@@ -45,7 +45,7 @@ class LoRANetwork(nn.Module):
             modules = []
             for target in targets:
                 r, a = (conv_rank, conv_alpha) if target.is_conv_3x3 else (rank, alpha)
-                modules.append(LoRAModule(target.key, target.module, r, a, generator))
+                modules.append(LoRAModule(target.key, target.module, r, a, generator, device=host.device))
             return modules
 
         unet_modules = build(unet_targets(host.unet, with_convs=conv_rank > 0))

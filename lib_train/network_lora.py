@@ -23,7 +23,8 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 class LoRAModule(nn.Module):
-    def __init__(self, key: str, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
+    def __init__(self, key: str, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         self.key = key
         self.rank = rank
@@ -45,8 +46,11 @@ class LoRAModule(nn.Module):
             nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
             self.lora_down.weight.copy_(down)
             nn.init.zeros_(self.lora_up.weight)
-        self.to(device=base.weight.device, dtype=torch.float32)
-        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=base.weight.device))
+        # On the compute device, not necessarily the base layer's: under the WebUI's --medvram the base
+        # layers wait on the CPU between forwards.
+        device = device or base.weight.device
+        self.to(device=device, dtype=torch.float32)
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
         self.multiplier = 1.0
         self._base = [base]  # a list so the base layer is not registered as our submodule
         self._handle: RemovableHandle | None = None

@@ -83,6 +83,8 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
             conditioning = _ConditioningCache(host, cacheable=not (config.train_text_encoder or config.shuffle_caption
                                                                    or config.caption_dropout_rate > 0))
+            # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
+            conditioning.prefill([record.caption for record in data.records])
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
             result.started_training_at = time.time()
             result.setup_seconds = result.started_training_at - started
@@ -178,6 +180,12 @@ class _ConditioningCache:
         self.cacheable = cacheable
         self.cache: dict[str, torch.Tensor] = {}
 
+    def prefill(self, captions: list[str], chunk: int = 16) -> None:
+        unique = sorted(set(captions))
+        for start in range(0, len(unique), chunk):
+            if self.cacheable:
+                self.encode(unique[start:start + chunk])
+
     def encode(self, captions: list[str]):
         if not self.cacheable:
             return self.host.encode_captions(captions)
@@ -201,3 +209,5 @@ def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts
     write_lora(plan.lora_path(epoch), state, metadata, config.overwrite)
     result.saved_files.append(plan.lora_path(epoch))
     write_sidecar(plan.sidecar_path(epoch), sidecar(config, host.family, epoch), config.overwrite)
+    host.report(Progress("saved", result.steps, result.total_steps, epoch, config.epochs,
+                         message=f"Saved {plan.lora_path(epoch).name}", saved_files=[str(plan.lora_path(epoch))]))
