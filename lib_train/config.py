@@ -94,7 +94,7 @@ class TrainConfig:
              f"Resolution must be a multiple of 64 and at least 64 (got {self.resolution}).")
         need(self.bucket_reso_steps % 64 == 0 and self.bucket_reso_steps > 0,
              f"Bucket step must be a multiple of 64 (got {self.bucket_reso_steps}).")
-        need(64 <= self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
+        need(not self.enable_buckets or 64 <= self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
              f"Bucket sizes must satisfy 64 <= min ({self.min_bucket_reso}) <= resolution "
              f"({self.resolution}) <= max ({self.max_bucket_reso}).")
         need(self.repeats >= 1, f"Repeats must be at least 1 (got {self.repeats}).")

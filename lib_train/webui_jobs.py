@@ -1,0 +1,189 @@
+"""Training jobs inside the WebUI: one at a time, under the WebUI's queue lock, with a status the tab
+and the HTTP API both read, and proof that the live model is exactly as it was afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import ConfigError, TrainToolsError
+from .host import Progress
+from .host_webui import WebUI, WebUIHost
+from .model_guard import fingerprint
+from .path_policy import confine
+from .save import OutputPlan, check_output_name
+from .train import train_lora
+
+
+@dataclass
+class JobStatus:
+    id: str
+    state: str = "queued"  # queued, running, done, stopped, failed
+    phase: str = ""
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    saved_files: list[str] = field(default_factory=list)
+    error: str = ""
+    model_restored: bool | None = None  # None until checked
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Folders:
+    lora_dir: Path  # the WebUI's Lora folder (--lora-dir); each project writes into a subfolder
+    projects_dir: Path  # where uploaded pictures are kept
+    data_dir: Path  # the WebUI's data folder
+    exposed: bool  # --listen/--share without --enable-insecure-extension-access
+
+
+class TrainingJobs:
+    """The one running (or last) training job of this WebUI process."""
+
+    def __init__(self, webui: WebUI, folders: Folders, verify_restore: bool = True):
+        self.webui = webui
+        self.folders = folders
+        self.verify_restore = verify_restore
+        self.current: JobStatus | None = None
+        self._stop = threading.Event()
+        self._guard = threading.Lock()
+
+    # -- preparing ------------------------------------------------------------------------------
+
+    def prepare(self, values: dict) -> TrainConfig:
+        """Validate settings from the tab or the API into a config; the output folder is always the project's
+        subfolder of the Lora folder, and server paths are confined when the WebUI is exposed."""
+        values = dict(values)
+        if "output_dir" in values:
+            raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
+        name = check_output_name(str(values.get("name", "")))
+        values["output_dir"] = str(self.folders.lora_dir / name)
+        train_dir = str(values.get("train_dir", "")).strip()
+        if not train_dir:
+            raise ConfigError("Choose the training folder (a folder on this server) or upload pictures.")
+        if self.folders.exposed:
+            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+        values["train_dir"] = train_dir
+        values.setdefault("clip_skip", int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1)))
+        config = TrainConfig.from_dict(values).validate()
+        self._refuse_alias_clashes(config)
+        return config
+
+    def _refuse_alias_clashes(self, config: TrainConfig) -> None:
+        """The WebUI names a Lora by its file stem across all subfolders: a clash would hide one of them."""
+        networks = self.webui.networks
+        if networks is None:
+            return
+        plan = OutputPlan(Path(config.output_dir), config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
+        for path in plan.all_paths():
+            if path.suffix != ".safetensors":
+                continue
+            existing = networks.available_networks.get(path.stem)
+            if existing is not None and Path(existing.filename).resolve() != path.resolve():
+                raise ConfigError(f"A Lora named '{path.stem}' already exists ({existing.filename}); "
+                                  "choose another project name.")
+
+    # -- running --------------------------------------------------------------------------------
+
+    def begin(self) -> JobStatus:
+        """Claim the single job slot (the caller then runs it under the queue lock)."""
+        with self._guard:
+            if self.current is not None and self.current.state in ("queued", "running"):
+                raise ConfigError("A training is already running; stop it or wait for it to finish.")
+            self._stop.clear()
+            self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
+            return self.current
+
+    def run(self, job: JobStatus, config: TrainConfig) -> JobStatus:
+        """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
+        job.state = "running"
+        state = self.webui.shared.state
+        state.job = "Train Tools"
+        try:
+            host = WebUIHost(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
+                             stop_requested=self._stop.is_set)
+            if host.medvram and config.train_text_encoder:
+                raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+            with host.training_session():
+                before = self._fingerprints() if self.verify_restore else None
+                try:
+                    result = train_lora(host, config)
+                finally:
+                    if before is not None:
+                        self._check_restored(job, before)
+            job.state = "stopped" if result.stopped else "done"
+            job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
+                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.")
+        except TrainToolsError as error:
+            job.state, job.error = "failed", str(error)
+        except Exception as error:  # out of memory and any other failure: reported, never a dirty WebUI
+            job.state, job.error = "failed", f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        finally:
+            job.finished_at = time.time()
+            self.webui.devices.torch_gc()
+        if job.model_restored is False:
+            job.error = (job.error + " " if job.error else "") + (
+                "THE LIVE MODEL CHANGED DURING TRAINING: reload the checkpoint before generating, and please report this.")
+        return job
+
+    def run_in_background(self, config: TrainConfig) -> JobStatus:
+        """For the HTTP API: run under the queue lock on a thread, registered with the WebUI's progress."""
+        job = self.begin()
+        progress = self.webui.progress
+
+        def work() -> None:
+            progress.add_task_to_queue(job.id)
+            with self.webui.call_queue.queue_lock:
+                self.webui.shared.state.begin(job=job.id)
+                progress.start_task(job.id)
+                try:
+                    self.run(job, config)
+                finally:
+                    progress.finish_task(job.id)
+                    self.webui.shared.state.end()
+
+        threading.Thread(target=work, name="train-tools", daemon=True).start()
+        return job
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.current is not None and self.current.state in ("queued", "running"):
+            self.webui.shared.state.interrupt()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _track(self, job: JobStatus, progress: Progress) -> None:
+        job.phase = progress.phase
+        job.message = progress.message or job.message
+        job.step, job.total_steps = progress.step, progress.total_steps
+        job.epoch, job.total_epochs = progress.epoch or job.epoch, progress.total_epochs or job.total_epochs
+        if progress.phase == "training" and progress.loss is not None:
+            job.loss_history.append((progress.step, progress.loss))
+        if progress.phase == "saved":
+            job.saved_files.extend(progress.saved_files)
+
+    def _fingerprints(self) -> dict[str, str]:
+        model = self.webui.shared.sd_model
+        return {"unet": fingerprint(model.model.diffusion_model),
+                "text encoder": fingerprint(model.cond_stage_model),
+                "vae": fingerprint(model.first_stage_model)}
+
+    def _check_restored(self, job: JobStatus, before: dict[str, str]) -> None:
+        after = self._fingerprints()
+        changed = [part for part in before if before[part] != after[part]]
+        job.model_restored = not changed
+        if changed:
+            print(f"[Train Tools] the live model's {', '.join(changed)} changed during training!")

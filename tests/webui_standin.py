@@ -1,0 +1,134 @@
+"""A stand-in for the WebUI modules the adapter uses, built around the tiny SD1 from real classes.
+
+Only the WebUI's plumbing is imitated (state, queue lock, attention switch, the built-in Lora's merge
+bookkeeping, the VAE helper); the model, the text encoder and every training step are real."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from lib_train.clip_tokenizer import clip_tokenizer
+from lib_train.host_webui import WebUI
+from lib_train.models_sd1 import VAE_SCALE_FACTOR, build_tiny_sd1, sd1_alphas_cumprod
+
+
+class State:
+    """The fields of modules.shared_state.State that the adapter and the progress API use."""
+
+    def __init__(self):
+        self.interrupted = self.stopping_generation = False
+        self.job, self.job_count, self.job_no, self.textinfo = "", 0, 0, None
+        self.history: list[tuple[int, int]] = []
+
+    def begin(self, job="(unknown)"):
+        self.job, self.job_count, self.job_no, self.interrupted = job, -1, 0, False
+
+    def end(self):
+        self.job, self.job_count = "", 0
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        if key == "job_no" and hasattr(self, "history"):
+            self.history.append((value, self.job_count))
+
+
+class CondStageModel(nn.Module):
+    """Like the WebUI's FrozenCLIPEmbedderWithCustomWords: a list of prompts in, (B, 77, C) out,
+    backslash escapes read as literal characters, clip skip from the options."""
+
+    def __init__(self, transformer: nn.Module, opts):
+        super().__init__()
+        self.wrapped = nn.Module()
+        self.wrapped.transformer = transformer
+        self.opts = opts
+        self.seen_prompts: list[str] = []
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        self.seen_prompts.extend(prompts)
+        texts = [re.sub(r"\\(.)", r"\1", p) for p in prompts]
+        ids = clip_tokenizer()(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        skip = self.opts.CLIP_stop_at_last_layers
+        out = self.wrapped.transformer(input_ids=ids, output_hidden_states=skip > 1)
+        if skip == 1:
+            return out.last_hidden_state
+        return self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+
+
+class SDModel(nn.Module):
+    def __init__(self, opts):
+        super().__init__()
+        tiny = build_tiny_sd1(seed=0)
+        self.model = nn.Module()
+        self.model.diffusion_model = tiny.unet
+        self.cond_stage_model = CondStageModel(tiny.text_encoder, opts)
+        self.first_stage_model = tiny.vae
+        self.alphas_cumprod_original = sd1_alphas_cumprod()
+        self.parameterization = "eps"
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.lowvram = True, False, False, False
+        self.sd_checkpoint_info = SimpleNamespace(filename="/models/Stable-diffusion/tiny.safetensors",
+                                                  hash="0123abcd", sha256="f" * 64, title="tiny [ffffffffff]")
+        # The built-in Lora names every layer on model load.
+        self.network_layer_mapping = {n.replace(".", "_"): m for n, m in self.model.named_modules() if n}
+
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, distribution):
+        return distribution.sample() * VAE_SCALE_FACTOR
+
+    def apply_model(self, x, t, cond):
+        return self.model.diffusion_model(x, t, context=cond)
+
+
+def restore_from_backup(module):
+    with torch.no_grad():
+        module.weight.copy_(module.network_weights_backup)
+
+
+def make_webui(lora_dir: Path) -> WebUI:
+    opts = SimpleNamespace(CLIP_stop_at_last_layers=1)
+    sd_model = SDModel(opts)
+    events: list[str] = []
+    hijack = SimpleNamespace(
+        apply_optimizations=lambda option=None: events.append(f"attention:{option}"),
+        model_hijack=SimpleNamespace(apply_optimizations=lambda: events.append("attention:user")),
+    )
+    networks = SimpleNamespace(
+        loaded_networks=[],
+        available_networks={},
+        network_restore_weights_from_backup=restore_from_backup,
+        list_available_networks=lambda: events.append("refresh-loras"),
+    )
+    processing = SimpleNamespace(StableDiffusionProcessing=SimpleNamespace(cached_c=["c", "old"], cached_uc=["u", "old"]))
+    progress = SimpleNamespace(
+        add_task_to_queue=lambda i: events.append(f"queued:{i}"),
+        start_task=lambda i: events.append(f"start:{i}"),
+        finish_task=lambda i: events.append(f"finish:{i}"),
+    )
+
+    def images_tensor_to_samples(image, approximation=None, model=None):
+        return model.get_first_stage_encoding(model.encode_first_stage(image * 2 - 1))
+
+    webui = WebUI(
+        shared=SimpleNamespace(sd_model=sd_model, state=State(), opts=opts,
+                               cmd_opts=SimpleNamespace(lowvram=False, lora_dir=str(lora_dir))),
+        devices=SimpleNamespace(device=torch.device("cpu"), torch_gc=lambda: events.append("gc")),
+        sd_hijack=hijack,
+        processing=processing,
+        sd_samplers_common=SimpleNamespace(images_tensor_to_samples=images_tensor_to_samples),
+        call_queue=SimpleNamespace(queue_lock=threading.Lock()),
+        progress=progress,
+        sd_vae=SimpleNamespace(loaded_vae_file=None),
+        networks=networks,
+    )
+    webui.events = events
+    return webui
