@@ -111,12 +111,16 @@ class WebUIHost:
         networks = self.webui.networks
         if networks is None:
             return
+        with torch.no_grad():  # the WebUI's UNet weights require grad; an in-place copy on them needs no_grad
+            self._restore_backups(networks)
+        networks.loaded_networks.clear()
+
+    def _restore_backups(self, networks) -> None:
         for module in getattr(self.sd_model, "network_layer_mapping", {}).values():
             if getattr(module, "network_weights_backup", None) is not None or getattr(module, "network_bias_backup", None) is not None:
                 networks.network_restore_weights_from_backup(module)
             if hasattr(module, "network_current_names"):
                 module.network_current_names = ()
-        networks.loaded_networks.clear()
 
     def _clear_conditioning_caches(self) -> None:
         processing = self.webui.processing.StableDiffusionProcessing

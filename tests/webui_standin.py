@@ -90,8 +90,8 @@ class SDModel(nn.Module):
 
 
 def restore_from_backup(module):
-    with torch.no_grad():
-        module.weight.copy_(module.network_weights_backup)
+    """As the built-in Lora does it: a plain in-place copy (it runs under no_grad in the WebUI's own calls)."""
+    module.weight.copy_(module.network_weights_backup)
 
 
 def make_webui(lora_dir: Path) -> WebUI:
