@@ -1,0 +1,24 @@
+// Train Tools: the WebUI's own progress bar for a training run (the textual-inversion tab's pattern),
+// plus a refresh of the loss plot and the file list every few seconds while it runs.
+
+function train_tools_start() {
+    var id = randomId();
+    var lastRefresh = 0;
+    var refresh = function() {
+        var button = gradioApp().getElementById('train_tools_refresh');
+        if (button) button.click();
+    };
+    gradioApp().getElementById('train_tools_output').innerHTML = '';
+    requestProgress(id, gradioApp().getElementById('train_tools_output'), null, refresh, function(progress) {
+        gradioApp().getElementById('train_tools_progress').innerHTML = progress.textinfo || '';
+        var now = Date.now();
+        if (now - lastRefresh > 3000) {
+            lastRefresh = now;
+            refresh();
+        }
+    });
+
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}
