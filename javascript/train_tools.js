@@ -8,8 +8,9 @@ function train_tools_start() {
         var button = gradioApp().getElementById('train_tools_refresh');
         if (button) button.click();
     };
-    gradioApp().getElementById('train_tools_output').innerHTML = '';
-    requestProgress(id, gradioApp().getElementById('train_tools_output'), null, refresh, function(progress) {
+    // #train_tools_progress belongs to this script, never to a gradio event: writing into an element that a
+    // gradio event updates would detach the element gradio renders into.
+    requestProgress(id, gradioApp().getElementById('train_tools_progress'), null, refresh, function(progress) {
         gradioApp().getElementById('train_tools_progress').innerHTML = progress.textinfo || '';
         var now = Date.now();
         if (now - lastRefresh > 3000) {

@@ -61,34 +61,34 @@ def _setting_components() -> dict[str, gr.components.Component]:
     d = TrainConfig()
     c: dict[str, gr.components.Component] = {}
     with gr.Row():
-        c["resolution"] = gr.Slider(256, 1024, d.resolution, step=64, label="Resolution")
-        c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0)
-        c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder or uploads)", precision=0)
-        c["batch_size"] = gr.Number(d.batch_size, label="Batch size", precision=0)
+        c["resolution"] = gr.Slider(256, 1024, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
+        c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0, elem_id="train_tools_epochs")
+        c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder or uploads)", precision=0, elem_id="train_tools_repeats")
+        c["batch_size"] = gr.Number(d.batch_size, label="Batch size", precision=0, elem_id="train_tools_batch_size")
     with gr.Row():
-        c["rank"] = gr.Number(d.rank, label="Rank", precision=0)
-        c["alpha"] = gr.Number(d.alpha, label="Alpha")
-        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0)
-        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha")
+        c["rank"] = gr.Number(d.rank, label="Rank", precision=0, elem_id="train_tools_rank")
+        c["alpha"] = gr.Number(d.alpha, label="Alpha", elem_id="train_tools_alpha")
+        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
+        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
     with gr.Row():
-        c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate")
-        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only)")
-        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer")
-        c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler")
-        c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0)
+        c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate", elem_id="train_tools_unet_lr")
+        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only)", elem_id="train_tools_text_encoder_lr")
+        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer", elem_id="train_tools_optimizer")
+        c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
+        c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
     with gr.Row():
-        c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)")
-        c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset")
-        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0)
-        c["seed"] = gr.Number(d.seed, label="Seed", precision=0)
+        c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)", elem_id="train_tools_min_snr_gamma")
+        c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
+        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
+        c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
     with gr.Row():
-        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision")
-        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)")
-        c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets")
-        c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation")
-        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags")
-        c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0)
-        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files")
+        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
+        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
+        c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets", elem_id="train_tools_enable_buckets")
+        c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation", elem_id="train_tools_flip_aug")
+        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags", elem_id="train_tools_shuffle_caption")
+        c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
+        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
     return c
 
 
@@ -178,7 +178,7 @@ def on_ui_tabs():
                     train = gr.Button("Train", variant="primary", elem_id="train_tools_train")
                     stop = gr.Button("Stop", elem_id="train_tools_stop")
             with gr.Column(scale=2):
-                progress_text = gr.HTML(elem_id="train_tools_progress")
+                gr.HTML(elem_id="train_tools_progress")  # step text, written by javascript/train_tools.js
                 output = gr.HTML(elem_id="train_tools_output")
                 loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", width=420, height=260,
                                         elem_id="train_tools_loss")
@@ -193,7 +193,7 @@ def on_ui_tabs():
             outputs=[files, output],
         )
         stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
-        refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, progress_text])
+        refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
     return [(tab, "Train Tools", "train_tools")]
 
 
