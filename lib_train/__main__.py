@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainConfig.from_toml(args.config).validate()
         host = _load_host(args.checkpoint, args.device, config)
+        loading_seconds = time.time() - started
         result = train_lora(host, config)
     except TrainToolsError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "steps": result.steps,
             # from the start of the command (model loading included) to the first training step
-            "setup_seconds": result.started_training_at - started if result.step_seconds else None,
+            "setup_seconds": loading_seconds + result.setup_seconds if result.step_seconds else None,
             "step_seconds": result.step_seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

@@ -23,7 +23,3 @@ class OutputError(TrainToolsError):
 
 class TrainingDiverged(TrainToolsError):
     """The loss became NaN or infinite."""
-
-
-class TrainingInterrupted(TrainToolsError):
-    """The user asked the run to stop; what was saved before is kept."""

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .lora_names import text_encoder_layers
+
 
 @contextmanager
 def frozen(modules: list[nn.Module]) -> Iterator[None]:
@@ -31,8 +33,6 @@ def frozen(modules: list[nn.Module]) -> Iterator[None]:
 
 def checkpointed_blocks(unet: nn.Module, text_encoders: list[nn.Module]) -> list[nn.Module]:
     """The blocks whose activations are recomputed in backward: every UNet block and CLIP layer."""
-    from .lora_names import text_encoder_layers
-
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     for encoder in text_encoders:
         blocks += list(text_encoder_layers(encoder))

@@ -32,7 +32,6 @@ class TrainResult:
     total_steps: int = 0
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     setup_seconds: float = 0.0  # start until the first training step
-    started_training_at: float = 0.0  # time.time() of the first training step
     step_seconds: list[float] = field(default_factory=list)
 
 
@@ -86,8 +85,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
             conditioning.prefill([record.caption for record in data.records])
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
-            result.started_training_at = time.time()
-            result.setup_seconds = result.started_training_at - started
+            result.setup_seconds = time.time() - started
 
             for epoch in range(1, config.epochs + 1):
                 batches = list(data.batches(epoch - 1))
