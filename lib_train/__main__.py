@@ -68,12 +68,16 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig) -> Stan
         path = Path(checkpoint)
         model = load_sd1_checkpoint(path)
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
-    # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype;
-    # the VAE stays float32 so latents are cached at full precision.
+    # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype. Norm layers
+    # stay float32: ldm's GroupNorm32 computes in float32 and CPU autocast does not cast its weights. The VAE
+    # stays float32 so latents are cached at full precision.
     weights_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     if weights_dtype is not None:
-        model.unet.to(weights_dtype)
-        model.text_encoder.to(weights_dtype)
+        for module in (model.unet, model.text_encoder):
+            module.to(weights_dtype)
+        for norm in model.unet.modules():
+            if isinstance(norm, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                norm.float()
     print(f"model ready in {time.time() - started:.1f}s", file=sys.stderr)
     return StandaloneHost(model, device=device, clip_skip=config.clip_skip, base_model=info,
                           on_progress=_print_progress, seed=config.seed)

@@ -22,11 +22,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-def test_demo_trains_on_the_tiny_model_and_writes_kohya_files(tmp_path):
+def demo_config(tmp_path: Path, extra: str = "") -> Path:
     config = (ROOT / "examples" / "demo.toml").read_text(encoding="utf-8")
     config = config.replace('train_dir = "demo_data"', f'train_dir = "{ROOT / "examples" / "demo_data"}"')
     config = config.replace('output_dir = "../out/demo"', f'output_dir = "{tmp_path / "out"}"')
-    (tmp_path / "demo.toml").write_text(config, encoding="utf-8")
+    (tmp_path / "demo.toml").write_text(config + extra, encoding="utf-8")
+    return tmp_path / "demo.toml"
+
+
+def test_demo_trains_on_the_tiny_model_and_writes_kohya_files(tmp_path):
+    demo_config(tmp_path)
     completed = run_cli("train", "--config", str(tmp_path / "demo.toml"), "--summary-json", str(tmp_path / "s.json"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "done: 36/36 steps" in completed.stdout
@@ -36,6 +41,13 @@ def test_demo_trains_on_the_tiny_model_and_writes_kohya_files(tmp_path):
         assert len([k for k in handle.keys() if k.endswith(".alpha")]) == 277 + 12
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["steps"] == 36 and len(summary["step_seconds"]) == 36 and summary["peak_rss_mb"] > 0
+
+
+def test_bf16_weights_train_on_the_cpu(tmp_path):
+    """Half-precision frozen weights, as the bench's bf16 cases and the WebUI on a GPU hold them."""
+    completed = run_cli("train", "--config", str(demo_config(tmp_path, 'mixed_precision = "bf16"\n')))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "done: 36/36 steps" in completed.stdout
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path):
