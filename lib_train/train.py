@@ -195,7 +195,13 @@ class _ConditioningCache:
                 self.cacheable = False
                 return self.host.encode_captions(captions)
             self.cache.update(zip(missing, encoded))
-        return torch.stack([self.cache[c] for c in captions])
+        cached = [self.cache[c] for c in captions]
+        if len({t.shape for t in cached}) > 1:
+            # Captions over 75 tokens take more 77-token chunks (the WebUI's text path): encoded together,
+            # the batch is padded to a common length.
+            with torch.no_grad():
+                return self.host.encode_captions(captions)
+        return torch.stack(cached)
 
 
 def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,

@@ -170,3 +170,22 @@ def test_cpu_only_refusals_are_clear(tiny_host, tmp_path, overrides, message):
 
 def test_config_defaults_validate():
     TrainConfig(name="x", train_dir="d", output_dir="o").validate()
+
+
+def test_cached_conditioning_of_captions_with_different_chunk_counts(tiny_host):
+    """The WebUI encodes a caption over 75 tokens into 154 positions; a batch mixing lengths must still stack."""
+    from lib_train.train import _ConditioningCache
+
+    class ChunkingHost:
+        def encode_captions(self, captions):
+            chunks = max(1 + len(c.split()) // 75 for c in captions)
+            parts = [tiny_host.encode_captions(captions) for _ in range(chunks)]
+            return torch.cat(parts, dim=1)
+
+    cache = _ConditioningCache(ChunkingHost(), cacheable=True)
+    short, long = "red circle", " ".join(["tag"] * 80)
+    cache.prefill([short, long], chunk=1)
+    assert cache.cache[short].shape[0] == 77 and cache.cache[long].shape[0] == 154
+    batch = cache.encode([short, long])
+    assert batch.shape == (2, 154, 32)
+    assert cache.encode([short, short]).shape == (2, 77, 32)
