@@ -87,10 +87,6 @@ class WebUIHost:
             vae_name=os.path.basename(vae_file) if vae_file else "",
         )
 
-    @property
-    def clip_skip(self) -> int:
-        return int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1))
-
     @contextmanager
     def training_session(self) -> Iterator[None]:
         """Leave the live model as the WebUI had it: built-in Lora weights un-merged, SDP attention for the run,

@@ -166,8 +166,7 @@ def _cache_latents(host: TrainingHost, data: TrainingData) -> None:
             raise _StopRequested
         host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
 
-    with torch.no_grad():
-        data.cache_latents(host.encode_images, host.device, on_progress)
+    data.cache_latents(host.encode_images, host.device, on_progress)
 
 
 class _ConditioningCache:

@@ -76,7 +76,8 @@ class TrainingJobs:
         if self.folders.exposed:
             train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
         values["train_dir"] = train_dir
-        values.setdefault("clip_skip", int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1)))
+        # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
+        values["clip_skip"] = int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1))
         config = TrainConfig.from_dict(values).validate()
         self._refuse_alias_clashes(config)
         return config
@@ -133,7 +134,6 @@ class TrainingJobs:
             traceback.print_exc()
         finally:
             job.finished_at = time.time()
-            self.webui.devices.torch_gc()
         if job.model_restored is False:
             job.error = (job.error + " " if job.error else "") + (
                 "THE LIVE MODEL CHANGED DURING TRAINING: reload the checkpoint before generating, and please report this.")

@@ -138,6 +138,9 @@ def test_refusals(live):
         jobs.prepare(settings(tmp_path / "pictures"))
     del webui.networks.available_networks["live"]
 
+    # The WebUI's text path applies its own clip skip; the metadata must record that one, not a requested one.
+    assert jobs.prepare(settings(tmp_path / "pictures", clip_skip=2)).clip_skip == 1
+
     jobs.folders.exposed = True
     with pytest.raises(ConfigError, match="outside the folders"):
         jobs.prepare(settings("/etc"))
