@@ -55,6 +55,35 @@ class LoRANetwork(nn.Module):
                 te_modules += build(text_encoder_targets(encoder.module, encoder.key_prefix))
         return cls(unet_modules, te_modules)
 
+    @classmethod
+    def for_kohya_state_dict(cls, host: TrainingHost, state: dict[str, torch.Tensor]) -> "LoRANetwork":
+        """Modules shaped like a kohya file's (which layers, each module's rank), ready for
+        ``load_kohya_state_dict``: the epochs of one run share this shape, so one network serves them all."""
+        if host.family is not ModelFamily.SD1:
+            raise NotImplementedError(f"LoRA files for {host.family.value} are not supported yet.")
+        targets = unet_targets(host.unet, with_convs=True)
+        for encoder in host.text_encoders:
+            targets += text_encoder_targets(encoder.module, encoder.key_prefix)
+        file_keys = {key.split(".", 1)[0] for key in state}
+        unknown = file_keys - {target.key for target in targets}
+        if unknown:
+            raise ValueError(f"{len(unknown)} LoRA keys match no layer of the loaded model (e.g. {sorted(unknown)[0]}); "
+                             "was this file trained on another model family?")
+
+        def build(part: list[LoraTarget]) -> list[LoRAModule]:
+            modules = []
+            for target in part:
+                if target.key in file_keys:
+                    rank = state[f"{target.key}.lora_down.weight"].shape[0]
+                    alpha = float(state[f"{target.key}.alpha"])
+                    modules.append(LoRAModule(target.key, target.module, rank, alpha, device=host.device))
+            return modules
+
+        unet_keys = {target.key for target in unet_targets(host.unet, with_convs=True)}
+        network = cls(build([t for t in targets if t.key in unet_keys]), build([t for t in targets if t.key not in unet_keys]))
+        network.load_kohya_state_dict(state)
+        return network
+
     def modules_in_order(self) -> Iterator[LoRAModule]:
         yield from self.unet_modules
         yield from self.text_encoder_modules

@@ -2,7 +2,8 @@
 
 Output = ``W x + up(down(x)) * (alpha / rank) * multiplier``. The base layer is never modified: the
 module adds its term through a forward hook, so detaching it leaves the layer exactly as it was.
-The LoRA weights stay float32 whatever the dtype of the base layer.
+The LoRA weights stay float32 whatever the dtype of the base layer. The multiplier is one number, or one
+per sample of the batch (a 1-D tensor) so a single forward pass renders several Lora weights at once.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class LoRAModule(nn.Module):
         device = device or base.weight.device
         self.to(device=device, dtype=torch.float32)
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
-        self.multiplier = 1.0
+        self.multiplier: float | torch.Tensor = 1.0
         self._base = [base]  # a list so the base layer is not registered as our submodule
         self._handle: RemovableHandle | None = None
 
@@ -63,7 +64,14 @@ class LoRAModule(nn.Module):
         """The LoRA term for input ``x`` (already scaled by alpha/rank and the multiplier)."""
         if not autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
-        return self.lora_up(self.lora_down(x)) * (self.scale * self.multiplier)
+        out = self.lora_up(self.lora_down(x))
+        multiplier = self.multiplier
+        if isinstance(multiplier, torch.Tensor):
+            if multiplier.shape[0] != out.shape[0]:
+                raise ValueError(f"{self.key}: {multiplier.shape[0]} per-sample multipliers for a batch of {out.shape[0]}")
+            # Batch first in every targeted layer (Linear on [B, tokens, C] or [B, C], Conv2d on [B, C, H, W]).
+            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
+        return out * (self.scale * multiplier)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + self.delta(args[0]).to(output.dtype)
