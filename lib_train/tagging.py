@@ -6,8 +6,6 @@ this file knows nothing about models. A bad image or caption is reported and ski
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from .captions import find_caption, read_caption, split_tags
-from .dataset import IMAGE_EXTENSIONS, load_rgb
+from .dataset import _images_in, load_rgb  # the training folder's own rule for what counts as an image
 from .errors import ConfigError, TrainToolsError
+from .save import write_atomically
 
 MODES = ("append", "prepend", "overwrite")
 
@@ -85,25 +84,15 @@ def _unique(tags: Iterable[str]) -> list[str]:
 
 def pictures_in(folder: Path) -> list[Path]:
     """Images directly in the folder, then in its ``<N>_<name>`` subfolders (one level, as training reads it)."""
-    folders = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [
-        path
-        for each in folders
-        for path in sorted(each.iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    ]
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [*_images_in(folder), *(image for subfolder in subfolders for image in _images_in(subfolder))]
 
 
-def write_caption(path: Path, caption: str) -> None:
-    """UTF-8, through a temporary file in the same folder, so a crash never leaves half a caption."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(caption + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _lines_after_caption(path: Path) -> str:
+    # Training reads only the first non-empty line; whatever the user keeps below it is carried over.
+    lines = path.read_bytes().decode("utf-8-sig").splitlines(keepends=True)
+    first = next((index for index, line in enumerate(lines) if line.strip()), len(lines))
+    return "".join(lines[first + 1 :])
 
 
 def tag_picture(image_path: Path, tagger: ImageTagger, options: TagOptions) -> None:
@@ -121,7 +110,9 @@ def tag_picture(image_path: Path, tagger: ImageTagger, options: TagOptions) -> N
     caption = ", ".join(merge_tags(split_tags(old_caption or ""), new_tags, options))
     if caption == (old_caption or ""):
         return  # unchanged (or nothing found for an uncaptioned image, which keeps its folder-name fallback)
-    write_caption(caption_path or image_path.with_suffix(".txt"), caption)
+    rest = _lines_after_caption(caption_path) if caption_path else ""
+    text = caption + "\n" + rest
+    write_atomically(caption_path or image_path.with_suffix(".txt"), text.encode("utf-8"), overwrite=True)
 
 
 def tag_pictures(
