@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
 import numpy as np
 from PIL import Image
 
@@ -106,6 +107,8 @@ def download_model(name: str, models_dir: str | Path) -> Path:
         if is_model_folder(name):
             return Path(name)
         raise ConfigError(f"Tagger folder {name} needs both {MODEL_FILE} and {TAGS_FILE}.")
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ConfigError(f"Tagger name '{name}' must be a model name or the full path of a folder.")
     folder = Path(models_dir) / MODELS_SUBFOLDER / name
     if is_model_folder(folder):
         return folder
@@ -231,6 +234,8 @@ class WD14Tagger:
         self._ratings: frozenset[str] = frozenset()
         self._input_name = ""
         self.input_size = 0
+        # What onnxruntime really uses: it falls back to the CPU silently when CUDA cannot start.
+        self.active_providers: list[str] = []
 
     @property
     def loaded(self) -> bool:
@@ -261,6 +266,7 @@ class WD14Tagger:
         height = model_input.shape[1]
         self.input_size = height if isinstance(height, int) and height > 0 else _DEFAULT_INPUT_SIZE
         self._input_name = model_input.name
+        self.active_providers = session.get_providers()
         self._names = table.names
         self._characters = table.names_in(CHARACTER_CATEGORY)
         self._ratings = table.names_in(RATING_CATEGORY)

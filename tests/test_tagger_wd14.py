@@ -141,6 +141,7 @@ def test_cuda_requested_without_it_runs_on_the_cpu(tmp_path):
         pytest.skip("this onnxruntime has CUDA")
     tagger = WD14Tagger(write_tiny_wd14(tmp_path / "tiny"), [CUDA_PROVIDER, CPU_PROVIDER])
     assert tagger.tags(square(RED)) == ["red background", "hat \\(object\\)"]
+    assert tagger.active_providers == [CPU_PROVIDER]  # what the tab can show
 
 
 def test_downloaded_or_own_folders_are_used_from_disk(tmp_path):
@@ -164,6 +165,8 @@ def test_download_problems_name_the_folder(tmp_path):
         download_model("nope", models)
     with pytest.raises(ConfigError, match="needs both model.onnx and selected_tags.csv"):
         download_model(str(tmp_path), models)
+    with pytest.raises(ConfigError, match="must be a model name or the full path"):
+        download_model("../../elsewhere", models)
     # Offline (as in the tests), a known model that is not on disk yet says where to put the files.
     target = models / MODELS_SUBFOLDER / "wd-swinv2-tagger-v3"
     with pytest.raises(CheckpointError, match=f"SmilingWolf/wd-swinv2-tagger-v3.*into {target}"):
