@@ -42,6 +42,7 @@ class WebUI:
     call_queue: Any = None
     progress: Any = None
     sd_vae: Any = None
+    sd_models: Any = None
     networks: ModuleType | SimpleNamespace | None = None
 
 
@@ -91,17 +92,17 @@ class WebUIHost:
     def training_session(self) -> Iterator[None]:
         """Leave the live model as the WebUI had it: built-in Lora weights un-merged, SDP attention for the run,
         the user's attention optimisation and cleared conditioning caches afterwards, memory given back."""
-        self._unmerge_builtin_lora()
-        self._clear_conditioning_caches()
+        self.unmerge_builtin_lora()
+        self.clear_conditioning_caches()
         self.webui.sd_hijack.apply_optimizations(TRAINING_ATTENTION)
         try:
             yield
         finally:
             self.webui.sd_hijack.model_hijack.apply_optimizations()
-            self._clear_conditioning_caches()
+            self.clear_conditioning_caches()
             self.webui.devices.torch_gc()
 
-    def _unmerge_builtin_lora(self) -> None:
+    def unmerge_builtin_lora(self) -> None:
         """The built-in Lora merges weights into the model and keeps them after a generation; training
         must start from the checkpoint's own weights, and the next generation re-merges what it needs."""
         networks = self.webui.networks
@@ -118,7 +119,7 @@ class WebUIHost:
             if hasattr(module, "network_current_names"):
                 module.network_current_names = ()
 
-    def _clear_conditioning_caches(self) -> None:
+    def clear_conditioning_caches(self) -> None:
         processing = self.webui.processing.StableDiffusionProcessing
         processing.cached_c = [None, None]
         processing.cached_uc = [None, None]

@@ -1,5 +1,5 @@
-"""Training jobs inside the WebUI: one at a time, under the WebUI's queue lock, with a status the tab
-and the HTTP API both read, and proof that the live model is exactly as it was afterwards."""
+"""Jobs inside the WebUI (a training, or a preview grid): one at a time, under the WebUI's queue lock, with a
+status the tab and the HTTP API both read, and proof that the live model is exactly as it was afterwards."""
 
 from __future__ import annotations
 
@@ -7,22 +7,28 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig
 from .errors import ConfigError, TrainToolsError
+from .grid_render_webui import check_base_model
+from .grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
 from .host import Progress
 from .host_webui import WebUI, WebUIHost
 from .model_guard import fingerprint
 from .path_policy import confine
+from .project_folders import ProjectFolders
 from .save import OutputPlan, check_output_name
 from .train import train_lora
+from .webui_grid import GridRequest, new_grid_folder, render_grid
 
 
 @dataclass
 class JobStatus:
     id: str
+    kind: str = "train"  # train or grid
     state: str = "queued"  # queued, running, done, stopped, failed
     phase: str = ""
     message: str = ""
@@ -33,6 +39,7 @@ class JobStatus:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     saved_files: list[str] = field(default_factory=list)
     error: str = ""
+    grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
     model_restored: bool | None = None  # None until checked
     started_at: float = 0.0
     finished_at: float = 0.0
@@ -102,17 +109,16 @@ class TrainingJobs:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
-                raise ConfigError("A training is already running; stop it or wait for it to finish.")
+                what = "A preview grid" if self.current.kind == "grid" else "A training"
+                raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
 
     def run(self, job: JobStatus, config: TrainConfig) -> JobStatus:
         """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
-        job.state = "running"
-        state = self.webui.shared.state
-        state.job = "Train Tools"
-        try:
+
+        def work() -> None:
             host = WebUIHost(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
                              stop_requested=self._stop.is_set)
             if host.medvram and config.train_text_encoder:
@@ -127,6 +133,43 @@ class TrainingJobs:
             job.state = "stopped" if result.stopped else "done"
             job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
                 (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.")
+
+        return self._guarded(job, "Train Tools", work)
+
+    def run_grid(self, job: JobStatus, request: GridRequest) -> JobStatus:
+        """Render a preview grid on the live model. The caller holds the queue lock and has begun ``shared.state``."""
+
+        def work() -> None:
+            job.kind = "grid"
+            host = WebUIHost(self.webui, stop_requested=self._stop.is_set)
+            check = check_base_model(self.webui, read_lora_metadata(request.rows[0].path) or {})
+            if not check.matches:
+                hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
+                        " That checkpoint is not in the WebUI's list; the grid would not show what you trained.")
+                raise ConfigError(f"{request.name} was trained on {check.trained_on}, but {check.loaded} is loaded.{hint}")
+            host.unmerge_builtin_lora()  # as the WebUI's next plain txt2img would, so the base is the checkpoint's
+            before = self._fingerprints() if self.verify_restore else None
+            try:
+                result = render_grid(self.webui, host, request, lambda done, total, text: self._track_grid(job, done, total, text),
+                                     host.should_stop)
+            finally:
+                host.clear_conditioning_caches()
+                self.webui.devices.torch_gc()
+                if before is not None:
+                    self._check_restored(job, before)
+            job.grid_folder = str(request.out_dir) if result.grid_path else ""
+            job.saved_files = [str(p) for p in result.cell_paths]
+            job.state = "done" if result.complete else "stopped"
+            job.message = (f"Preview grid: {len(result.cell_paths)} pictures." if result.complete else
+                           f"Stopped: {len(result.cell_paths)} pictures rendered.")
+
+        return self._guarded(job, "Train Tools preview", work)
+
+    def _guarded(self, job: JobStatus, title: str, work: Callable[[], None]) -> JobStatus:
+        job.state = "running"
+        self.webui.shared.state.job = title
+        try:
+            work()
         except TrainToolsError as error:
             job.state, job.error = "failed", str(error)
         except Exception as error:  # out of memory and any other failure: reported, never a dirty WebUI
@@ -136,27 +179,62 @@ class TrainingJobs:
             job.finished_at = time.time()
         if job.model_restored is False:
             job.error = (job.error + " " if job.error else "") + (
-                "THE LIVE MODEL CHANGED DURING TRAINING: reload the checkpoint before generating, and please report this.")
+                "THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this.")
         return job
 
     def run_in_background(self, config: TrainConfig) -> JobStatus:
-        """For the HTTP API: run under the queue lock on a thread, registered with the WebUI's progress."""
+        """For the HTTP API: train under the queue lock on a thread, registered with the WebUI's progress."""
         job = self.begin()
+        self._in_background(job, lambda: self.run(job, config))
+        return job
+
+    def render_grid_in_background(self, request: GridRequest) -> JobStatus:
+        job = self.begin()
+        job.kind = "grid"
+        self._in_background(job, lambda: self.run_grid(job, request))
+        return job
+
+    def _in_background(self, job: JobStatus, work: Callable[[], JobStatus]) -> None:
         progress = self.webui.progress
 
-        def work() -> None:
+        def locked() -> None:
             progress.add_task_to_queue(job.id)
             with self.webui.call_queue.queue_lock:
                 self.webui.shared.state.begin(job=job.id)
                 progress.start_task(job.id)
                 try:
-                    self.run(job, config)
+                    work()
                 finally:
                     progress.finish_task(job.id)
                     self.webui.shared.state.end()
 
-        threading.Thread(target=work, name="train-tools", daemon=True).start()
-        return job
+        threading.Thread(target=locked, name="train-tools", daemon=True).start()
+
+    # -- preview grid ---------------------------------------------------------------------------
+
+    def prepare_grid(self, values: dict) -> GridRequest:
+        """A grid request from the tab or the API: numbers may come as text ("0.4, 0.6, 1")."""
+        name = check_output_name(str(values.get("name", "")))
+        third_axis = values.get("third_axis") or None
+
+        def numbers(key: str, label: str, integers: bool = False, default=None) -> list:
+            value = values.get(key, default)
+            if isinstance(value, str):
+                return parse_number_list(value, label, integers) if value.strip() else []
+            return list(value or [])
+
+        epochs = numbers("epochs", "epochs", integers=True)
+        spec = GridSpec(
+            prompt=str(values.get("prompt", "")), negative_prompt=str(values.get("negative_prompt", "")),
+            sampler=str(values.get("sampler", "Euler a")), steps=int(values.get("steps", 20)),
+            cfg_scale=float(values.get("cfg_scale", 7.0)), width=int(values.get("width", 512)),
+            height=int(values.get("height", 512)), seeds=numbers("seeds", "seeds", True, [1234]),
+            weights=numbers("weights", "weights", default=[0.4, 0.6, 0.8, 1.0]), epochs=epochs or None,
+            third_axis=third_axis, cfg_values=numbers("cfg_values", "CFG scales"),
+        ).validate()
+        rows = spec.select_epochs(epoch_files(self.folders.lora_dir / name, name))
+        grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
+        return GridRequest(name, spec, rows, new_grid_folder(grids))
 
     def stop(self) -> None:
         self._stop.set()
@@ -174,6 +252,11 @@ class TrainingJobs:
             job.loss_history.append((progress.step, progress.loss))
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
+
+    def _track_grid(self, job: JobStatus, done: int, total: int, text: str) -> None:
+        state = self.webui.shared.state
+        state.job_count, state.job_no, state.textinfo = total, done, f"Preview grid: {text}"
+        job.phase, job.step, job.total_steps, job.message = "rendering", done, total, text
 
     def _fingerprints(self) -> dict[str, str]:
         model = self.webui.shared.sd_model

@@ -85,6 +85,9 @@ class SDModel(nn.Module):
     def get_first_stage_encoding(self, distribution):
         return distribution.sample() * VAE_SCALE_FACTOR
 
+    def get_learned_conditioning(self, texts):
+        return self.cond_stage_model(texts)
+
     def apply_model(self, x, t, cond):
         return self.model.diffusion_model(x, t, context=cond)
 

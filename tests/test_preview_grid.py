@@ -1,0 +1,207 @@
+"""The preview grid through a txt2img with the WebUI's shapes (tests/webui_standin_txt2img.py), on a LoRA
+trained by the job runner: cells equal single renders with the LoRA merged like the built-in Lora merges it,
+files and labels, choose from a click, stop, a changed checkpoint, and the live model left as it was."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lib_train.errors import ConfigError
+from lib_train.epoch_choice import choose_epoch
+from lib_train.grid_spec import epoch_files
+from lib_train.lora_names import text_encoder_targets, unet_targets
+from lib_train.model_guard import fingerprint, hook_count
+from lib_train.webui_grid import cell_at
+from lib_train.webui_jobs import Folders, TrainingJobs
+
+from .conftest import make_concept_images
+from .webui_standin import make_webui
+from .webui_standin_txt2img import install_txt2img
+
+WEIGHTS = "0, 0.5, 1"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("grid")
+    webui = make_webui(root / "models" / "Lora")
+    install_txt2img(webui)
+    jobs = TrainingJobs(webui, Folders(lora_dir=root / "models" / "Lora", projects_dir=root / "projects",
+                                       data_dir=root, exposed=False))
+    make_concept_images(root / "pictures" / "2_concept", count=4)
+    config = jobs.prepare(dict(name="gridlora", train_dir=str(root / "pictures"), resolution=64, enable_buckets=False,
+                               rank=4, alpha=4.0, conv_rank=2, conv_alpha=1.0, epochs=2, batch_size=2, unet_lr=3e-3,
+                               text_encoder_lr=3e-3, lr_scheduler="constant", seed=3, trigger_words="ttconcept",
+                               save_precision="fp32"))
+    job = jobs.run(jobs.begin(), config)
+    assert job.state == "done", job.error
+    return webui, jobs, root
+
+
+def grid_values(**overrides) -> dict:
+    values = dict(name="gridlora", prompt="ttconcept, red circle", negative_prompt="blurry", sampler="Euler",
+                  steps=3, cfg_scale=5.0, width=64, height=64, seeds="7", weights=WEIGHTS)
+    values.update(overrides)
+    return values
+
+
+def render(jobs, **overrides):
+    request = jobs.prepare_grid(grid_values(**overrides))
+    job = jobs.run_grid(jobs.begin(), request)
+    return request, job
+
+
+def merged_render(webui, path, weight: float, seed: int, cfg: float) -> Image.Image:
+    """The reference: W' = W + w·ΔW merged into every layer, as the built-in Lora does for <lora:name:w>,
+    then a plain single-image txt2img."""
+    model = webui.shared.sd_model
+    state = load_file(str(path))
+    targets = unet_targets(model.model.diffusion_model, with_convs=True) + \
+        text_encoder_targets(model.cond_stage_model.wrapped.transformer, "lora_te")
+    originals = {}
+    with torch.no_grad():
+        for target in targets:
+            if f"{target.key}.lora_down.weight" not in state:
+                continue
+            down, up = state[f"{target.key}.lora_down.weight"], state[f"{target.key}.lora_up.weight"]
+            scale = float(state[f"{target.key}.alpha"]) / down.shape[0]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(target.module.weight.shape) * scale * weight
+            originals[target.key] = target.module.weight.detach().clone()
+            target.module.weight.add_(delta)
+        try:
+            p = webui.processing.StableDiffusionProcessingTxt2Img(
+                sd_model=model, prompt="ttconcept, red circle", negative_prompt="blurry", seed=seed,
+                sampler_name="Euler", steps=3, cfg_scale=cfg, width=64, height=64)
+            webui.processing.StableDiffusionProcessing.cached_c = [None, None]  # the Lora tag changes the key
+            webui.processing.StableDiffusionProcessing.cached_uc = [None, None]
+            return webui.processing.process_images(p).images[0]
+        finally:
+            for target in targets:
+                if target.key in originals:
+                    target.module.weight.copy_(originals[target.key])
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_every_cell_equals_the_merged_lora_render(trained):
+    webui, jobs, root = trained
+    before = fingerprint(webui.shared.sd_model)
+    request, job = render(jobs)
+    assert job.state == "done", job.error
+    assert job.model_restored is True and fingerprint(webui.shared.sd_model) == before
+    assert hook_count(webui.shared.sd_model) == 0
+    index = json.loads((request.out_dir / "grid.json").read_text("utf-8"))
+    assert len(index["cells"]) == 6 and index["complete"]
+    differences = []
+    for entry in index["cells"]:
+        cell = Image.open(request.out_dir / "cells" / entry["picture"])
+        reference = merged_render(webui, entry["file"], entry["weight"], entry["seed"], entry["cfg_scale"])
+        differences.append(np.abs(pixels(cell) - pixels(reference)).max())
+        assert f"<lora:{entry['file'].rsplit('/', 1)[1][:-12]}:{entry['weight']:g}>" in cell.info["parameters"]
+        assert "Batch size" not in cell.info["parameters"]
+    assert max(differences) <= 1, differences  # float tolerance: at most one level of 255
+    # The weights matter: weight 0 and weight 1 of the last epoch differ.
+    last = [e for e in index["cells"] if e["iy"] == 1]
+    a, b = (pixels(Image.open(request.out_dir / "cells" / e["picture"])) for e in (last[0], last[2]))
+    assert np.abs(a - b).mean() > 1
+
+
+def test_grid_layout_labels_and_click_to_choose(trained):
+    webui, jobs, root = trained
+    request, job = render(jobs, third_axis="seed", seeds="7, 8")
+    assert job.state == "done", job.error
+    grid = Image.open(request.out_dir / "grid.png")
+    index = json.loads((request.out_dir / "grid.json").read_text("utf-8"))
+    assert len(index["cells"]) == 3 * 2 * 2
+    from lib_train.grid_image import GridLayout
+    layout = GridLayout.from_dict(index["layout"])
+    assert (grid.width, grid.height) == (layout.width, layout.height)
+    # A click in the middle of (weight 0.5, final, seed 8) picks that cell, whose picture is pasted there.
+    left, top, right, bottom = layout.cell_box(1, 1, 1)
+    picked = cell_at(request.out_dir, (left + right) / 2, (top + bottom) / 2)
+    assert picked.weight == 0.5 and picked.is_final and picked.picture.exists()
+    assert np.array_equal(pixels(grid.crop((left, top, right, bottom)).convert("RGB")), pixels(Image.open(picked.picture).convert("RGB")))
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    chosen = next(f for f in epoch_files(lora_folder, "gridlora") if f.path == picked.file)
+    result = choose_epoch(lora_folder, "gridlora", chosen, picked.weight, Image.open(picked.picture))
+    assert json.loads(result.sidecar_path.read_text("utf-8"))["preferred weight"] == 0.5
+    assert result.preview_path == lora_folder / "gridlora.preview.png" and result.preview_path.exists()
+
+
+def test_stop_keeps_the_finished_rows_and_restores(trained):
+    webui, jobs, root = trained
+    before = fingerprint(webui.shared.sd_model)
+    request = jobs.prepare_grid(grid_values())
+    job = jobs.begin()
+    original = jobs._track_grid
+
+    def stop_after_first_row(job_, done, total, text):
+        original(job_, done, total, text)
+        if done == 1:
+            jobs.stop()
+
+    jobs._track_grid = stop_after_first_row
+    try:
+        jobs.run_grid(job, request)
+    finally:
+        jobs._track_grid = original
+        webui.shared.state.interrupted = False
+    assert job.state == "stopped"
+    index = json.loads((request.out_dir / "grid.json").read_text("utf-8"))
+    assert not index["complete"] and {e["iy"] for e in index["cells"]} == {0}
+    assert job.model_restored is True and fingerprint(webui.shared.sd_model) == before
+
+
+def test_another_checkpoint_loaded_is_refused_with_the_way_back(trained):
+    webui, jobs, root = trained
+    info = webui.shared.sd_model.sd_checkpoint_info
+    other = type(info)(filename="/models/Stable-diffusion/other.safetensors", hash="99999999", sha256="e" * 64,
+                       title="other [eeeeeeeeee]")
+    webui.shared.sd_model.sd_checkpoint_info = other
+    try:
+        request = jobs.prepare_grid(grid_values())
+        job = jobs.run_grid(jobs.begin(), request)
+    finally:
+        webui.shared.sd_model.sd_checkpoint_info = info
+    assert job.state == "failed"
+    assert "trained on tiny.safetensors, but other [eeeeeeeeee] is loaded" in job.error
+    assert "Switch back to tiny [ffffffffff]" in job.error
+    assert not (request.out_dir / "grid.png").exists()
+
+
+def test_bad_grid_settings_are_refused_before_rendering(trained):
+    webui, jobs, root = trained
+    with pytest.raises(ConfigError, match="not a number"):
+        jobs.prepare_grid(grid_values(weights="0.5, lots"))
+    with pytest.raises(ConfigError, match="No file for epoch 9"):
+        jobs.prepare_grid(grid_values(epochs="9"))
+    with pytest.raises(ConfigError, match="no saved files"):
+        jobs.prepare_grid(grid_values(name="nothing-here"))
+
+
+def test_background_grid_holds_the_queue_lock(trained):
+    webui, jobs, root = trained
+    request = jobs.prepare_grid(grid_values(weights="1"))
+    held = []
+    original = jobs._track_grid
+    jobs._track_grid = lambda *a: (held.append(webui.call_queue.queue_lock.locked()), original(*a))
+    try:
+        job = jobs.render_grid_in_background(request)
+        for _ in range(600):
+            if job.state not in ("queued", "running"):
+                break
+            threading.Event().wait(0.1)
+    finally:
+        jobs._track_grid = original
+    assert job.state == "done", job.error
+    assert held and all(held)
