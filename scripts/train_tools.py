@@ -1,31 +1,24 @@
 """WebUI glue for Train Tools: the tab, the settings section and the HTTP API.
 
 Everything that trains lives in ``lib_train`` (importable here because the WebUI puts the extension
-root on sys.path while it loads this file); this file only connects it to the WebUI.
+root on sys.path while it loads this file). The tab's pages live in ``scripts/train_tools_ui/``, a package
+the WebUI does not run as scripts; it is imported by path under the name ``train_tools_ui``.
 """
 
 from __future__ import annotations
 
-import html
-import os
+import importlib.util
 import secrets
-import shutil
 import sys
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
 from fastapi import Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from modules import (call_queue, devices, paths, processing, progress, script_callbacks, sd_hijack, sd_models,
-                     sd_samplers_common, sd_vae, shared)
+from modules import script_callbacks, shared
 
-from lib_train.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
-from lib_train.dataset import IMAGE_EXTENSIONS
 from lib_train.errors import TrainToolsError
-from lib_train.host_webui import WebUI
-from lib_train.webui_jobs import Folders, TrainingJobs
 
 # Registered at import, not in on_ui_settings, so the options also exist under --nowebui.
 shared.options_templates.update(shared.options_section(("train_tools", "Train Tools"), {
@@ -33,167 +26,31 @@ shared.options_templates.update(shared.options_section(("train_tools", "Train To
         True, "Prove after every training that the live model is unchanged (hashes UNet, text encoder and VAE)"),
 }))
 
-_jobs: TrainingJobs | None = None
+
+def _import_ui_package():
+    """Fresh on every (re)load of this script, so "Reload UI" picks up the pages again."""
+    folder = Path(__file__).with_name("train_tools_ui")
+    spec = importlib.util.spec_from_file_location("train_tools_ui", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    for name in [n for n in sys.modules if n == "train_tools_ui" or n.startswith("train_tools_ui.")]:
+        del sys.modules[name]
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["train_tools_ui"] = package
+    spec.loader.exec_module(package)
+    return package
 
 
-def jobs() -> TrainingJobs:
-    global _jobs
-    if _jobs is None:
-        cmd = shared.cmd_opts
-        exposed = bool(cmd.share or cmd.listen or cmd.server_name) and not cmd.enable_insecure_extension_access
-        folders = Folders(
-            lora_dir=Path(getattr(cmd, "lora_dir", None) or os.path.join(paths.models_path, "Lora")),
-            projects_dir=Path(getattr(cmd, "train_tools_dir", None) or os.path.join(paths.data_path, "train_tools")),
-            data_dir=Path(paths.data_path),
-            exposed=exposed,
-        )
-        webui = WebUI(shared=shared, devices=devices, sd_hijack=sd_hijack, processing=processing,
-                      sd_samplers_common=sd_samplers_common, call_queue=call_queue, progress=progress, sd_vae=sd_vae,
-                      networks=sys.modules.get("networks") if hasattr(sys.modules.get("networks"), "load_network") else None)
-        _jobs = TrainingJobs(webui, folders, verify_restore=shared.opts.data.get("train_tools_verify_restore", True))
-    return _jobs
-
-
-# -- the tab ---------------------------------------------------------------------------------------
-
-def _setting_components() -> dict[str, gr.components.Component]:
-    """The training settings, keyed by their TrainConfig name, with TrainConfig's defaults."""
-    d = TrainConfig()
-    c: dict[str, gr.components.Component] = {}
-    with gr.Row():
-        c["resolution"] = gr.Slider(256, 1024, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
-        c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0, elem_id="train_tools_epochs")
-        c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder or uploads)", precision=0, elem_id="train_tools_repeats")
-        c["batch_size"] = gr.Number(d.batch_size, label="Batch size", precision=0, elem_id="train_tools_batch_size")
-    with gr.Row():
-        c["rank"] = gr.Number(d.rank, label="Rank", precision=0, elem_id="train_tools_rank")
-        c["alpha"] = gr.Number(d.alpha, label="Alpha", elem_id="train_tools_alpha")
-        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
-        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
-    with gr.Row():
-        c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate", elem_id="train_tools_unet_lr")
-        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only)", elem_id="train_tools_text_encoder_lr")
-        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer", elem_id="train_tools_optimizer")
-        c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
-        c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
-    with gr.Row():
-        c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)", elem_id="train_tools_min_snr_gamma")
-        c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
-        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
-        c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
-    with gr.Row():
-        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
-        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
-        c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets", elem_id="train_tools_enable_buckets")
-        c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation", elem_id="train_tools_flip_aug")
-        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags", elem_id="train_tools_shuffle_caption")
-        c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
-        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
-    return c
-
-
-def _base_model_text() -> str:
-    model = sd_models.model_data.sd_model  # no load is triggered here
-    info = getattr(model, "sd_checkpoint_info", None)
-    if info is None:
-        return f"{shared.opts.sd_model_checkpoint} (not loaded yet)"
-    kind = "SD1" if getattr(model, "is_sd1", False) else "SD2" if getattr(model, "is_sd2", False) else \
-        "SDXL" if getattr(model, "is_sdxl", False) else "?"
-    return f"{info.title} — {kind}, hash {info.shorthash or info.hash}"
-
-
-def _import_uploads(files: list, name: str) -> str:
-    """Copies of the uploaded pictures and captions in the project's folder; the originals stay untouched."""
-    folder = jobs().folders.projects_dir / name / "pictures"
-    folder.mkdir(parents=True, exist_ok=True)
-    for upload in files:
-        source = Path(getattr(upload, "name", upload))
-        original = Path(getattr(upload, "orig_name", None) or source.name).name
-        if Path(original).suffix.lower() in IMAGE_EXTENSIONS | {".txt", ".caption"}:
-            shutil.copyfile(source, folder / original)
-    return str(folder)
-
-
-def _status_html(job) -> str:
-    if job is None:
-        return ""
-    text = html.escape(job.error or job.message or job.state)
-    css = "error" if job.state == "failed" or job.model_restored is False else ""
-    restored = {True: "The live model is unchanged (verified by hash).", False: "", None: ""}[job.model_restored]
-    return f"<div class='{css}'><b>{html.escape(job.state)}</b>: {text}<br>{restored}</div>"
-
-
-def _files_html(job) -> str:
-    if job is None or not job.saved_files:
-        return ""
-    rows = "".join(f"<li>{html.escape(path)} ({os.path.getsize(path) / 2**20:.1f} MB)</li>"
-                   for path in job.saved_files if os.path.exists(path))
-    return f"<ul class='train-tools-files'>{rows}</ul>"
-
-
-def _loss_frame(job):
-    import pandas as pd
-
-    history = job.loss_history if job else []
-    return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
-
-
-def _refresh():
-    job = jobs().current
-    return gr.LinePlot.update(value=_loss_frame(job)), _files_html(job), _status_html(job)
-
-
-def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, *values):
-    """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun."""
-    runner = jobs()
-    try:
-        settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
-        if uploads:
-            settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
-        config = runner.prepare(settings)
-        job = runner.begin()
-    except TrainToolsError as error:
-        return "", f"<div class='error'>{html.escape(str(error))}</div>"
-    job.id = id_task
-    runner.run(job, config)
-    return _files_html(job), _status_html(job)
+_import_ui_package()
+from train_tools_ui import train_page  # noqa: E402
+from train_tools_ui.webui_context import jobs  # noqa: E402
 
 
 def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
-        with gr.Row():
-            with gr.Column(scale=3):
-                base_model = gr.Textbox(_base_model_text, label="Base model: training uses the checkpoint and VAE "
-                                        "loaded in the WebUI", interactive=False, elem_id="train_tools_base_model")
-                with gr.Row():
-                    name = gr.Textbox(label="LoRA name", placeholder="my_character", elem_id="train_tools_name")
-                    trigger = gr.Textbox(label="Trigger words", placeholder="mychar", elem_id="train_tools_trigger")
-                train_dir = gr.Textbox(label="Training folder on this server (subfolders <N>_<name> repeat N times; "
-                                       "captions in <image>.txt)", elem_id="train_tools_train_dir")
-                uploads = gr.File(label="…or upload pictures and their .txt captions", file_count="multiple",
-                                  elem_id="train_tools_uploads")
-                with gr.Accordion("Settings", open=True):
-                    components = _setting_components()
-                with gr.Row():
-                    train = gr.Button("Train", variant="primary", elem_id="train_tools_train")
-                    stop = gr.Button("Stop", elem_id="train_tools_stop")
-            with gr.Column(scale=2):
-                gr.HTML(elem_id="train_tools_progress")  # step text, written by javascript/train_tools.js
-                output = gr.HTML(elem_id="train_tools_output")
-                loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", width=420, height=260,
-                                        elem_id="train_tools_loss")
-                files = gr.HTML(elem_id="train_tools_files")
-                refresh = gr.Button("Refresh", elem_id="train_tools_refresh", visible=False)
-
-        task_id = gr.Textbox(visible=False)
-        train.click(
-            fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components)), extra_outputs=[""]),
-            _js="train_tools_start",
-            inputs=[task_id, name, trigger, train_dir, uploads, *components.values()],
-            outputs=[files, output],
-        )
-        stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
-        refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
+        name, trigger = train_page.build_header()
+        with gr.Tabs(elem_id="train_tools_pages"):
+            with gr.Tab("Train", elem_id="train_tools_page_train"):
+                train_page.build(name, trigger)
     return [(tab, "Train Tools", "train_tools")]
 
 

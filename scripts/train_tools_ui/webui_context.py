@@ -1,0 +1,33 @@
+"""The WebUI objects Train Tools works with: its modules handed to the engine, and the one job runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from modules import (call_queue, devices, paths, processing, progress, sd_hijack, sd_models, sd_samplers_common,
+                     sd_vae, shared)
+
+from lib_train.host_webui import WebUI
+from lib_train.webui_jobs import Folders, TrainingJobs
+
+_jobs: TrainingJobs | None = None
+
+
+def jobs() -> TrainingJobs:
+    global _jobs
+    if _jobs is None:
+        cmd = shared.cmd_opts
+        exposed = bool(cmd.share or cmd.listen or cmd.server_name) and not cmd.enable_insecure_extension_access
+        folders = Folders(
+            lora_dir=Path(getattr(cmd, "lora_dir", None) or os.path.join(paths.models_path, "Lora")),
+            projects_dir=Path(getattr(cmd, "train_tools_dir", None) or os.path.join(paths.data_path, "train_tools")),
+            data_dir=Path(paths.data_path),
+            exposed=exposed,
+        )
+        webui = WebUI(shared=shared, devices=devices, sd_hijack=sd_hijack, processing=processing,
+                      sd_samplers_common=sd_samplers_common, call_queue=call_queue, progress=progress, sd_vae=sd_vae, sd_models=sd_models,
+                      networks=sys.modules.get("networks") if hasattr(sys.modules.get("networks"), "load_network") else None)
+        _jobs = TrainingJobs(webui, folders, verify_restore=shared.opts.data.get("train_tools_verify_restore", True))
+    return _jobs
