@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig
+from PIL import Image
+
+from .epoch_choice import ChoiceResult, choose_epoch
 from .errors import ConfigError, TrainToolsError
 from .grid_render_webui import check_base_model
 from .grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
@@ -22,7 +25,7 @@ from .path_policy import confine
 from .project_folders import ProjectFolders
 from .save import OutputPlan, check_output_name
 from .train import train_lora
-from .webui_grid import GridRequest, new_grid_folder, render_grid
+from .webui_grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 
 
 @dataclass
@@ -252,6 +255,31 @@ class TrainingJobs:
             job.loss_history.append((progress.step, progress.loss))
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
+
+    def pick(self, name: str, grid_folder: str | Path, x: float, y: float) -> PickedCell | None:
+        """The cell under a click on one of this project's grids (no other folder is read)."""
+        grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
+        folder = Path(grid_folder).resolve()
+        if folder.parent != grids or not folder.is_dir():
+            raise ConfigError(f"{grid_folder} is not one of the preview grids of {name}.")
+        return cell_at(folder, x, y)
+
+    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
+        """Make a grid cell's epoch the LoRA's file, preview and preferred weight, then un-merge the built-in
+        Lora's weights: it re-merges only when a prompt's (name, weight) changes, so a `<lora:name:w>` used
+        before would keep the replaced file's weights merged."""
+        name = check_output_name(name)
+        folder = self.folders.lora_dir / name
+        epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
+        if epoch is None:
+            raise ConfigError(f"{file} is not a saved file of {name} any more.")
+        with Image.open(picture) as cell:
+            result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
+        with self.webui.call_queue.queue_lock:
+            WebUIHost(self.webui).unmerge_builtin_lora()
+        if self.webui.networks is not None:
+            self.webui.networks.list_available_networks()
+        return result
 
     def _track_grid(self, job: JobStatus, done: int, total: int, text: str) -> None:
         state = self.webui.shared.state

@@ -14,11 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lib_train.errors import ConfigError
-from lib_train.epoch_choice import choose_epoch
-from lib_train.grid_spec import epoch_files
 from lib_train.lora_names import text_encoder_targets, unet_targets
 from lib_train.model_guard import fingerprint, hook_count
-from lib_train.webui_grid import cell_at
 from lib_train.webui_jobs import Folders, TrainingJobs
 
 from .conftest import make_concept_images
@@ -128,12 +125,21 @@ def test_grid_layout_labels_and_click_to_choose(trained):
     assert (grid.width, grid.height) == (layout.width, layout.height)
     # A click in the middle of (weight 0.5, final, seed 8) picks that cell, whose picture is pasted there.
     left, top, right, bottom = layout.cell_box(1, 1, 1)
-    picked = cell_at(request.out_dir, (left + right) / 2, (top + bottom) / 2)
+    picked = jobs.pick("gridlora", request.out_dir, (left + right) / 2, (top + bottom) / 2)
     assert picked.weight == 0.5 and picked.is_final and picked.picture.exists()
     assert np.array_equal(pixels(grid.crop((left, top, right, bottom)).convert("RGB")), pixels(Image.open(picked.picture).convert("RGB")))
     lora_folder = root / "models" / "Lora" / "gridlora"
-    chosen = next(f for f in epoch_files(lora_folder, "gridlora") if f.path == picked.file)
-    result = choose_epoch(lora_folder, "gridlora", chosen, picked.weight, Image.open(picked.picture))
+    # A generation with <lora:gridlora:1> left merged weights behind: choosing must un-merge them.
+    layer = webui.shared.sd_model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    layer.network_weights_backup = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(0.25)
+    layer.network_current_names = (("gridlora", 1.0, 1.0, None),)
+    result = jobs.choose("gridlora", picked.file, picked.weight, picked.picture)
+    assert torch.equal(layer.weight, layer.network_weights_backup) and layer.network_current_names == ()
+    with pytest.raises(ConfigError, match="not one of the preview grids"):
+        jobs.pick("gridlora", root / "elsewhere", 10, 10)
+    assert result.chosen.is_final and not result.copied
     assert json.loads(result.sidecar_path.read_text("utf-8"))["preferred weight"] == 0.5
     assert result.preview_path == lora_folder / "gridlora.preview.png" and result.preview_path.exists()
 

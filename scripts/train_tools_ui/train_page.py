@@ -155,7 +155,7 @@ def build(name: gr.Textbox, trigger: gr.Textbox) -> dict[str, gr.components.Comp
             refresh = gr.Button("Refresh", elem_id="train_tools_refresh", visible=False)
 
     task_id = gr.Textbox(visible=False)
-    train.click(
+    train_event = train.click(
         fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components)), extra_outputs=[""]),
         _js="train_tools_start",
         inputs=[task_id, name, trigger, train_dir, uploads, *components.values()],
@@ -163,4 +163,4 @@ def build(name: gr.Textbox, trigger: gr.Textbox) -> dict[str, gr.components.Comp
     )
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
     refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
-    return {"train_dir": train_dir, "train_button": train}
+    return {"train_dir": train_dir, "train_event": train_event}

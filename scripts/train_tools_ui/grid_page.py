@@ -1,0 +1,178 @@
+"""The Preview grid page: every saved epoch × Lora weight rendered on the training checkpoint, a click on a
+cell to pick it, and "use this one" to make it the LoRA's file, preview and preferred weight."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import gradio as gr
+from modules import call_queue, sd_samplers, shared
+
+from lib_train.errors import TrainToolsError
+from lib_train.grid_render_webui import check_base_model
+from lib_train.grid_spec import default_prompt, epoch_files, read_lora_metadata
+
+from .webui_context import jobs
+
+GRID_KEYS = ("prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "width", "height", "seeds", "weights",
+             "epochs", "third_axis", "cfg_values")
+
+
+def _message(text: str, error: bool = False) -> str:
+    return f"<div class='{'error' if error else ''}'>{html.escape(text)}</div>"
+
+
+def _values(name: str, values: tuple) -> dict:
+    settings = dict(zip(GRID_KEYS, values), name=name)
+    settings["third_axis"] = None if settings["third_axis"] == "none" else settings["third_axis"]
+    if str(settings["epochs"]).strip().lower() in ("", "all"):
+        settings["epochs"] = ""
+    return settings
+
+
+def _render(id_task: str, name: str, *values):
+    """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun."""
+    runner = jobs()
+    try:
+        request = runner.prepare_grid(_values(name, values))
+        job = runner.begin()
+    except TrainToolsError as error:
+        return None, "", _message(str(error), error=True)
+    job.id = id_task
+    runner.run_grid(job, request)
+    grid = Path(job.grid_folder) / "grid.png" if job.grid_folder else None
+    text = job.error or job.message
+    if job.model_restored:
+        text += " The live model is unchanged (verified by hash)."
+    return (str(grid) if grid else None), job.grid_folder, _message(text, error=job.state == "failed")
+
+
+def _render_after_training(id_task: str, want: bool, name: str, *values):
+    if not want:
+        return gr.update(), gr.update(), gr.update()
+    job = jobs().current
+    if job is None or job.kind != "train" or job.state not in ("done", "stopped") or not job.saved_files:
+        return gr.update(), gr.update(), _message("No preview grid: the training saved no file.")
+    return _render(id_task, name, *values)
+
+
+def _fill_prompt(name: str, trigger: str) -> str:
+    name = name.strip()
+    files = epoch_files(jobs().folders.lora_dir / name, name) if name else []
+    if not files:
+        return trigger
+    frequency = json.loads((read_lora_metadata(files[-1].path) or {}).get("ss_tag_frequency") or "{}")
+    return default_prompt(trigger, frequency)
+
+
+def _model_check(name: str):
+    """Say which checkpoint the LoRA was trained on, and offer to switch back when another one is loaded."""
+    name = name.strip()
+    files = epoch_files(jobs().folders.lora_dir / name, name) if name else []
+    if not files:
+        return _message("No saved files for this name yet."), gr.update(visible=False), ""
+    check = check_base_model(jobs().webui, read_lora_metadata(files[0].path) or {})
+    if check.matches:
+        return _message(f"{len(files)} file(s); trained on the loaded checkpoint."), gr.update(visible=False), ""
+    if check.switch_to is None:
+        return _message(f"Trained on {check.trained_on}, which is not in the WebUI's checkpoint list; "
+                        f"{check.loaded} is loaded.", error=True), gr.update(visible=False), ""
+    return (_message(f"Trained on {check.switch_to}, but {check.loaded} is loaded.", error=True),
+            gr.update(visible=True, value=f"Switch back to {check.switch_to}"), check.switch_to)
+
+
+def _switch_back(title: str) -> str:
+    if not title:
+        return ""
+    shared.opts.set("sd_model_checkpoint", title)  # its onchange reloads the weights through the queue
+    shared.opts.save(shared.config_filename)
+    return _message(f"Switched to {title}. The checkpoint box at the top shows it after a page reload.")
+
+
+def _pick(name: str, grid_folder: str, evt: gr.SelectData):
+    if not grid_folder:
+        return None, "", ""
+    x, y = evt.index
+    try:
+        picked = jobs().pick(name, grid_folder, x, y)
+    except TrainToolsError as error:
+        return None, "", _message(str(error), error=True)
+    if picked is None:
+        return None, "", _message("Click on a picture of the grid.")
+    label = "final" if picked.is_final else f"epoch {picked.epoch}"
+    choice = json.dumps({"file": str(picked.file), "weight": picked.weight, "picture": str(picked.picture)})
+    return str(picked.picture), choice, _message(f"{label} at weight {picked.weight:g} ({picked.file.name})")
+
+
+def _choose(name: str, choice: str, delete_others: bool) -> str:
+    if not choice:
+        return _message("Click a cell of the grid first.", error=True)
+    picked = json.loads(choice)
+    try:
+        result = jobs().choose(name, Path(picked["file"]), picked["weight"], Path(picked["picture"]), delete_others)
+    except TrainToolsError as error:
+        return _message(str(error), error=True)
+    deleted = f" Deleted {len(result.deleted)} other file(s)." if result.deleted else ""
+    return _message(f"{result.final_path.name} is now {result.chosen.label} (preview and preferred weight "
+                    f"{result.weight:g} on its card).{deleted} Refresh the Lora cards to see it.")
+
+
+def build(name: gr.Textbox, trigger: gr.Textbox, train_event) -> None:
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="train_tools_grid_prompt")
+                fill = gr.Button("Fill from the training captions", elem_id="train_tools_grid_fill")
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="train_tools_grid_negative")
+            with gr.Row():
+                sampler = gr.Dropdown(sd_samplers.visible_sampler_names(), value="Euler a", label="Sampler",
+                                      elem_id="train_tools_grid_sampler")
+                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="train_tools_grid_steps")
+                cfg = gr.Slider(1, 30, 7, step=0.5, label="CFG scale", elem_id="train_tools_grid_cfg")
+            with gr.Row():
+                width = gr.Slider(64, 2048, 512, step=8, label="Width", elem_id="train_tools_grid_width")
+                height = gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="train_tools_grid_height")
+            with gr.Row():
+                weights = gr.Textbox("0.4, 0.6, 0.8, 1.0", label="Lora weights (X axis)", elem_id="train_tools_grid_weights")
+                epochs = gr.Textbox("all", label="Epochs (Y axis): all, or e.g. 2, 4, 6", elem_id="train_tools_grid_epochs")
+                seeds = gr.Textbox("1234", label="Seed (several with the seed axis)", elem_id="train_tools_grid_seeds")
+            with gr.Row():
+                third_axis = gr.Radio(["none", "seed", "cfg"], value="none", label="Third axis",
+                                      elem_id="train_tools_grid_third_axis")
+                cfg_values = gr.Textbox("", label="CFG scales (with the cfg axis)", elem_id="train_tools_grid_cfg_values")
+                after_training = gr.Checkbox(False, label="Generate after training", elem_id="train_tools_grid_after_training")
+            with gr.Row():
+                check = gr.Button("Check base model", elem_id="train_tools_grid_check")
+                switch = gr.Button("Switch back", visible=False, elem_id="train_tools_grid_switch")
+                render = gr.Button("Render grid", variant="primary", elem_id="train_tools_grid_render")
+                stop = gr.Button("Stop", elem_id="train_tools_grid_stop")
+        with gr.Column(scale=3):
+            gr.HTML(elem_id="train_tools_grid_progress")  # written by javascript/train_tools.js
+            status = gr.HTML(elem_id="train_tools_grid_status")
+            grid = gr.Image(label="Grid: click a cell", type="filepath", interactive=False, elem_id="train_tools_grid_image")
+            with gr.Row():
+                cell = gr.Image(label="Picked cell", type="filepath", interactive=False, height=256,
+                                elem_id="train_tools_grid_cell")
+                with gr.Column():
+                    picked_text = gr.HTML(elem_id="train_tools_grid_picked")
+                    delete_others = gr.Checkbox(False, label="Delete the other epoch files",
+                                                elem_id="train_tools_grid_delete_others")
+                    use = gr.Button("Use this epoch at this weight", elem_id="train_tools_grid_use")
+            choice_result = gr.HTML(elem_id="train_tools_grid_choice")
+
+    grid_folder, switch_title, choice = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Textbox(visible=False)
+    task_id = gr.Textbox(visible=False)
+    settings = [prompt, negative, sampler, steps, cfg, width, height, seeds, weights, epochs, third_axis, cfg_values]
+    render.click(fn=call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", ""]), _js="train_tools_grid_start",
+                 inputs=[task_id, name, *settings], outputs=[grid, grid_folder, status])
+    train_event.then(fn=call_queue.wrap_gradio_gpu_call(_render_after_training, extra_outputs=[None, "", ""]),
+                     _js="train_tools_grid_after_training",
+                     inputs=[task_id, after_training, name, *settings], outputs=[grid, grid_folder, status])
+    stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
+    fill.click(fn=_fill_prompt, inputs=[name, trigger], outputs=[prompt])
+    check.click(fn=_model_check, inputs=[name], outputs=[status, switch, switch_title])
+    switch.click(fn=_switch_back, inputs=[switch_title], outputs=[status])
+    grid.select(fn=_pick, inputs=[name, grid_folder], outputs=[cell, choice, picked_text])
+    use.click(fn=_choose, inputs=[name, choice, delete_others], outputs=[choice_result])
