@@ -439,6 +439,27 @@ def clean_in_project(
     return report
 
 
+def original_of(project: ProjectFolders, picture_name: str) -> Path:
+    """The file in originals/ that ``pictures/<picture_name>`` was made from (e.g. to show it for a crop focus).
+
+    Raises DatasetError when the picture was not imported into the project or its original is gone.
+    """
+    return _original_path(project, _Manifest.load(project), picture_name)
+
+
+def _original_path(project: ProjectFolders, manifest: _Manifest, picture_name: str) -> Path:
+    if picture_name not in manifest.entries:
+        raise DatasetError(f"{picture_name} was not imported into this project ({manifest.path} does not list it), "
+                           "so it has no original to prepare again.")
+    relative = manifest.entries[picture_name][0]
+    original = (project.originals / relative).resolve()
+    if not original.is_relative_to(project.originals.resolve()):
+        raise DatasetError(f"{manifest.path} points {picture_name} outside originals/ ({relative}); not used.")
+    if not original.is_file():
+        raise DatasetError(f"The original of {picture_name} ({original}) is missing.")
+    return original
+
+
 def _reprepare(
     picture: Path,
     project: ProjectFolders,
@@ -448,11 +469,7 @@ def _reprepare(
     report: ImportReport,
 ) -> Path:
     relative, remembered_focus = manifest.entries[picture.name]
-    original = (project.originals / relative).resolve()
-    if not original.is_relative_to(project.originals.resolve()):
-        raise DatasetError(f"{manifest.path} points {picture.name} outside originals/ ({relative}); not used.")
-    if not original.is_file():
-        raise DatasetError(f"The original of {picture.name} ({original}) is missing.")
+    original = _original_path(project, manifest, picture.name)
     focus = options.crop_focus.get(picture.name, remembered_focus)
     image = open_clean(original, background=options.background, pixel_limit=options.pixel_limit)
     prepared, notes = _prepare(image, options, focus, upscale)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lib_train.errors import ConfigError, DatasetError
-from lib_train.image_import import PrepareOptions, clean_in_project, import_pictures
+from lib_train.image_import import PrepareOptions, clean_in_project, import_pictures, original_of
 from lib_train.project_folders import ProjectFolders
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -361,6 +361,9 @@ def test_crop_focus_at_import_and_when_re_preparing(tmp_path: Path, project) -> 
     assert Image.open(smaller.imported[0]).size == (64, 64) and _is_uniform(picture, BLUE)
     assert (project.pictures / "halves.txt").read_text(encoding="utf-8") == "left red, right blue"
     assert (project.originals / "halves.png").read_bytes() == source.read_bytes()
+    assert original_of(project, "halves.png") == (project.originals / "halves.png").resolve()
+    with pytest.raises(DatasetError, match="other.png was not imported into this project"):
+        original_of(project, "other.png")
 
 
 def test_re_preparing_changes_format_with_size_and_keeps_deleted_pictures_deleted(tmp_path: Path, project) -> None:
