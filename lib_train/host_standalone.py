@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention_sdpa import sdpa_attention
+from .captions import literal_caption
 from .clip_tokenizer import clip_tokenizer
 from .host import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
 from .models_sd1 import VAE_SCALE_FACTOR, SD1Model, sd1_alphas_cumprod
@@ -56,7 +57,8 @@ class StandaloneHost:
         return sd1_alphas_cumprod().to(self.device)
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
-        tokens = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        # Escaped brackets (as taggers write them for the WebUI) are the brackets themselves.
+        tokens = self.tokenizer([literal_caption(c) for c in captions], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         input_ids = tokens.input_ids.to(self.device)
         encoder = self.model.text_encoder
         if self.clip_skip == 1:

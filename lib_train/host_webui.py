@@ -9,7 +9,6 @@ embeddings behave as in generation) and images through its VAE path.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,18 +17,11 @@ from typing import Any, Callable
 
 import torch
 
+from .captions import escape_caption
 from .errors import ConfigError
 from .host import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
 
 TRAINING_ATTENTION = "sdp - scaled dot product"
-_EMPHASIS = re.compile(r"([\\()\[\]])")
-
-
-def escape_caption(caption: str) -> str:
-    """Parentheses and brackets in tags (``hat (object)``) are literal text, not the prompt's emphasis."""
-    return _EMPHASIS.sub(r"\\\1", caption)
-
-
 @dataclass
 class WebUI:
     """The WebUI modules the adapter uses; ``networks`` is the built-in Lora extension's module, if loaded."""

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from lib_train.errors import ConfigError
-from lib_train.host_webui import WebUIHost, escape_caption
+from lib_train.captions import escape_caption, literal_caption
+from lib_train.host_webui import WebUIHost
 from lib_train.model_guard import fingerprint, hook_count
 from lib_train.webui_jobs import Folders, TrainingJobs
 
@@ -45,6 +46,9 @@ def wait(job, timeout=120):
 
 def test_escape_caption_keeps_parentheses_literal():
     assert escape_caption("hat (object), [wip], a\\b") == "hat \\(object\\), \\[wip\\], a\\\\b"
+    # Taggers already escape: nothing is escaped twice, and both spellings mean the same text.
+    assert escape_caption("hat \\(object\\), (wip)") == "hat \\(object\\), \\(wip\\)"
+    assert literal_caption("hat \\(object\\), a\\\\b") == literal_caption(escape_caption("hat (object), a\\b")) == "hat (object), a\\b"
 
 
 def test_api_job_trains_on_the_live_model_and_leaves_it_as_it_was(live):
