@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .captions import find_caption, read_caption, split_tags
-from .dataset import _images_in  # the training folder's own rule for what counts as an image
+from .dataset import pictures_in  # the training folder's own rule for what counts as an image
 from .errors import DatasetError
 from .project_folders import ProjectFolders
 from .save import write_atomically
@@ -81,7 +81,7 @@ class CaptionSet:
         history = Path(history_dir) if history_dir else ProjectFolders(pictures_dir.parent).caption_history
 
         images_by_caption: dict[Path, list[str]] = {}
-        for image in _find_images(pictures_dir):
+        for image in pictures_in(pictures_dir):
             caption_path = find_caption(image) or image.with_suffix(".txt")
             images_by_caption.setdefault(caption_path, []).append(image.relative_to(pictures_dir).as_posix())
         captions: dict[str, _Caption] = {}
@@ -272,11 +272,6 @@ class CaptionSet:
             step.file = self.history_dir / f"{number:06d}.json"
             record = {"action": step.action, "tags": list(step.tags), "before": step.before, "after": step.after}
             write_atomically(step.file, json.dumps(record, ensure_ascii=False).encode("utf-8"), overwrite=True)
-
-
-def _find_images(pictures_dir: Path) -> list[Path]:
-    subfolders = sorted(p for p in pictures_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [*_images_in(pictures_dir), *(image for folder in subfolders for image in _images_in(folder))]
 
 
 def _read_caption_file(path: Path) -> _Caption:

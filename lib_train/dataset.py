@@ -7,14 +7,13 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .buckets import (
     BucketChoice,
@@ -28,12 +27,13 @@ from .buckets import (
 from .captions import find_caption, process_caption, read_caption, split_tags
 from .config import TrainConfig
 from .errors import DatasetError
+from .image_clean import open_clean
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 
 # `10_my character` -> 10 repeats, class token "my character". The sign is captured so that
 # "-1_x" gets the repeat-count message rather than "not prefixed".
-_REPEATS_PREFIX = re.compile(r"^(-?\d+)_(.*)$", re.DOTALL)
+REPEATS_PREFIX = re.compile(r"^(-?\d+)_(.*)$", re.DOTALL)
 
 
 @dataclass
@@ -52,49 +52,9 @@ class ImageRecord:
 def load_rgb(path: str | Path) -> Image.Image:
     """The image as 8-bit RGB, upright, with transparency flattened onto white; the first frame of animations.
 
-    Raises DatasetError naming the file when it cannot be decoded completely.
+    Raises DatasetError naming the file when it cannot be decoded completely (see ``image_clean.open_clean``).
     """
-    path = Path(path)
-    try:
-        file_size = path.stat().st_size
-    except OSError as error:
-        raise DatasetError(f"Cannot read image {path}: {error.strerror or error}") from None
-    if file_size == 0:
-        raise DatasetError(f"Image {path} is empty (0 bytes).")
-    try:
-        with _strict_decoding(), Image.open(path) as image:
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except UnidentifiedImageError:
-        raise DatasetError(f"Image {path} is not a readable image (corrupt, or not really {path.suffix}).") from None
-    except Exception as error:  # Pillow signals damaged files with many exception types
-        raise DatasetError(f"Image {path} is damaged or truncated ({error}).") from None
-
-
-@contextmanager
-def _strict_decoding() -> Iterator[None]:
-    # Some WebUI extensions turn on LOAD_TRUNCATED_IMAGES globally; a truncated file would then
-    # load with a grey band and be trained on. Refuse it instead.
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I"):
-        # 16-bit greyscale: Pillow's own conversion clips at 255 (mostly white); scale the range instead.
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return open_clean(path)
 
 
 def pixels_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -120,13 +80,13 @@ def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRe
     if not root.is_dir():
         raise DatasetError(f"Training folder {root} is not a folder.")
 
-    root_images = _images_in(root)
+    root_images = images_in(root)
     groups: list[tuple[Path, int, str, list[Path]]] = []  # (folder, repeats, class token, images)
     for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
-        images = _images_in(folder)
+        images = images_in(folder)
         if not images:
             continue  # kohya ignores folders without images (caches, backups, ...)
-        match = _REPEATS_PREFIX.match(folder.name)
+        match = REPEATS_PREFIX.match(folder.name)
         if not match:
             raise DatasetError(
                 f"Subfolder {folder} contains images but its name does not start with a repeat count. "
@@ -172,12 +132,18 @@ def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRe
     return records
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     # Dot-files are skipped as kohya's glob does; macOS leaves `._name.png` resource forks on shared drives.
     return sorted(
         (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
+
+
+def pictures_in(folder: Path) -> list[Path]:
+    """Images directly in the folder, then in its subfolders (one level, as training reads ``<N>_<name>``)."""
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [*images_in(folder), *(image for subfolder in subfolders for image in images_in(subfolder))]
 
 
 # ---------------------------------------------------------------------------------------------

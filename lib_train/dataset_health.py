@@ -18,7 +18,7 @@ from PIL import Image
 
 from .captions import CAPTION_EXTENSIONS, find_caption, read_caption
 from .clip_tokenizer import clip_tokenizer
-from .dataset import _REPEATS_PREFIX, _images_in, load_rgb  # the training folder's own rules
+from .dataset import REPEATS_PREFIX, images_in, load_rgb  # the training folder's own rules
 from .errors import ConfigError, DatasetError, TrainToolsError
 
 MAX_ASPECT_RATIO = 3.0
@@ -140,10 +140,10 @@ def _groups(root: Path, default_repeats: int, check: _Check) -> list[_Group]:
     """The folders training reads, with the layout errors training would raise, as findings."""
     groups = []
     for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
-        images = _images_in(folder)
+        images = images_in(folder)
         if not images:
             continue
-        match = _REPEATS_PREFIX.match(folder.name)
+        match = REPEATS_PREFIX.match(folder.name)
         repeats = int(match.group(1)) if match else None
         if repeats is None:
             check.add("error", folder, f"The folder name does not start with a repeat count: rename it to e.g. "
@@ -152,7 +152,7 @@ def _groups(root: Path, default_repeats: int, check: _Check) -> list[_Group]:
             check.add("error", folder, f"The repeat count {repeats} must be at least 1.")
             repeats = None
         groups.append(_Group(folder, repeats, match.group(2) if match else "", images))
-    loose = _images_in(root)
+    loose = images_in(root)
     if loose and groups:
         check.add("error", root, f"{len(loose)} image(s) lie directly in the folder beside '<N>_<name>' "
                                  f"subfolders; training refuses that: move them into a subfolder.")

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .captions import find_caption, read_caption, split_tags
-from .dataset import _images_in, load_rgb  # the training folder's own rule for what counts as an image
+from .dataset import load_rgb, pictures_in  # the training folder's own rule for what counts as an image
 from .errors import ConfigError, TrainToolsError
 from .save import write_atomically
 
@@ -80,12 +80,6 @@ def _unique(tags: Iterable[str]) -> list[str]:
             seen.add(key)
             kept.append(tag)
     return kept
-
-
-def pictures_in(folder: Path) -> list[Path]:
-    """Images directly in the folder, then in its ``<N>_<name>`` subfolders (one level, as training reads it)."""
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [*_images_in(folder), *(image for subfolder in subfolders for image in _images_in(subfolder))]
 
 
 def _lines_after_caption(path: Path) -> str:

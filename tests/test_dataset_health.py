@@ -77,7 +77,7 @@ def test_corrupt_files_are_findings_not_exceptions(tmp_path):
 
     report = check(tmp_path)
     assert "0 bytes" in findings_for(report, tmp_path / "empty.png", "error")[0].message
-    assert "not a readable image" in findings_for(report, tmp_path / "text.jpg", "error")[0].message
+    assert "not a readable picture" in findings_for(report, tmp_path / "text.jpg", "error")[0].message
     assert "truncated" in findings_for(report, tmp_path / "truncated.png", "error")[0].message
     assert findings_for(report, tmp_path / "good.png", "error") == []
     assert report.image_count == 1 and report.images_per_epoch == 1
