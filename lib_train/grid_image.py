@@ -25,6 +25,15 @@ def label_font_size(cell_width: int, cell_height: int) -> int:
     return max(MIN_FONT_SIZE, (cell_width + cell_height) // 25)
 
 
+def default_label_font(size: int) -> Font:
+    """Pillow ≥ 10.1 scales its built-in font; older ones (the WebUI pins 9.5) only have a small bitmap font,
+    so the WebUI glue passes the WebUI's own font instead."""
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 @dataclass(frozen=True)
 class GridLayout:
     """Where everything lies in the grid picture, in pixels."""
@@ -114,7 +123,7 @@ def compose_grid(cells: dict[tuple[int, int, int], Image.Image], x_labels: list[
             raise ValueError(f"cell {key} is outside the {columns}×{rows}×{slices} grid the labels describe")
     cell_width = max(image.width for image in cells.values())
     cell_height = max(image.height for image in cells.values())
-    font = font or ImageFont.load_default(label_font_size(cell_width, cell_height))
+    font = font or default_label_font(label_font_size(cell_width, cell_height))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = _line_height(measure, font)
     pad = max(4, line_height // 3)

@@ -35,6 +35,7 @@ class WebUI:
     progress: Any = None
     sd_vae: Any = None
     sd_models: Any = None
+    images: Any = None
     networks: ModuleType | SimpleNamespace | None = None
 
 

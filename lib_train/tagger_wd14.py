@@ -57,9 +57,13 @@ _ALPHANUMERIC = re.compile(r"[^\W_]")
 # onnxruntime
 
 
+# From 1.25 on, onnxruntime requires protobuf 4+, and pip would upgrade the WebUI's pinned protobuf 3.20.
+ONNXRUNTIME_VERSIONS = ">=1.17,<1.25"
+
+
 def onnxruntime_package(cuda_available: bool) -> str:
-    """The pip package to offer: the GPU build runs on CUDA and falls back to the CPU by itself."""
-    return "onnxruntime-gpu" if cuda_available else "onnxruntime"
+    """The pip requirement to offer: the GPU build runs on CUDA and falls back to the CPU by itself."""
+    return ("onnxruntime-gpu" if cuda_available else "onnxruntime") + ONNXRUNTIME_VERSIONS
 
 
 def import_onnxruntime() -> ModuleType:

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .grid_image import GridLayout, compose_grid
+from .grid_image import GridLayout, compose_grid, label_font_size
 from .grid_render_webui import RenderSettings, WebUIGridRenderer, ZValue
 from .grid_spec import EpochFile, GridSpec
 from .host_webui import WebUI, WebUIHost
@@ -73,7 +73,9 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
                         "cfg_scale": z.cfg_scale, "picture": path.name, "infotext": cell.infotext})
 
     x_labels, y_labels, z_labels = spec.axis_labels(request.rows)
-    composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels)
+    images = getattr(webui, "images", None)  # the WebUI's label font, as its X/Y/Z plot uses
+    font = images.get_font(label_font_size(spec.width, spec.height)) if images is not None else None
+    composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels, font)
     grid_path = out / "grid.png"
     write_atomically(grid_path, _png_bytes(composed.image, f"Train Tools preview grid of {request.name}"), overwrite=False)
     index = {"name": request.name, "layout": composed.layout.to_dict(), "cells": entries,

@@ -150,3 +150,14 @@ def test_cells_outside_the_labelled_axes_are_a_programming_error():
         compose_grid({}, ["a"], None)
     with pytest.raises(IndexError):
         compose_grid(make_cells(1, 1), ["a"], None).layout.cell_box(1, 0, 0)
+
+
+def test_labels_draw_with_an_old_pillow_that_cannot_size_its_font(monkeypatch):
+    """The WebUI pins Pillow 9.5, whose ImageFont.load_default() takes no size."""
+    bitmap_font = ImageFont.load_default()
+    monkeypatch.setattr(ImageFont, "load_default", lambda: bitmap_font)
+    cells = {(ix, 0, 0): Image.new("RGB", (64, 64), (200, 30, 30)) for ix in range(2)}
+    grid = compose_grid(cells, ["weight: 0.5", "weight: 1"], ["epoch 1"])
+    assert grid.image.size == (grid.layout.width, grid.layout.height)
+    band = np.asarray(grid.image.crop(grid.layout.column_label_box(0)).convert("L"))
+    assert (band < 128).any(), "the label is drawn"

@@ -126,8 +126,8 @@ def test_missing_onnxruntime_says_how_to_install(tagger, monkeypatch):
 
 
 def test_providers():
-    assert onnxruntime_package(True) == "onnxruntime-gpu"
-    assert onnxruntime_package(False) == "onnxruntime"
+    assert onnxruntime_package(True) == "onnxruntime-gpu>=1.17,<1.25"
+    assert onnxruntime_package(False) == "onnxruntime>=1.17,<1.25"
     assert execution_providers(True, [CUDA_PROVIDER, CPU_PROVIDER]) == [CUDA_PROVIDER, CPU_PROVIDER]
     assert execution_providers(False, [CUDA_PROVIDER, CPU_PROVIDER]) == [CPU_PROVIDER]
     assert execution_providers(True, ["AzureExecutionProvider", CPU_PROVIDER]) == [CPU_PROVIDER]
