@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from modules import (call_queue, devices, paths, processing, progress, sd_hijack, sd_models, sd_samplers_common,
-                     sd_vae, shared)
+from modules import (call_queue, devices, images, paths, processing, progress, sd_hijack, sd_models,
+                     sd_samplers_common, sd_vae, shared)
 
 from lib_train.host_webui import WebUI
 from lib_train.webui_jobs import Folders, TrainingJobs
@@ -27,7 +27,7 @@ def jobs() -> TrainingJobs:
             exposed=exposed,
         )
         webui = WebUI(shared=shared, devices=devices, sd_hijack=sd_hijack, processing=processing,
-                      sd_samplers_common=sd_samplers_common, call_queue=call_queue, progress=progress, sd_vae=sd_vae, sd_models=sd_models,
+                      sd_samplers_common=sd_samplers_common, call_queue=call_queue, progress=progress, sd_vae=sd_vae, sd_models=sd_models, images=images,
                       networks=sys.modules.get("networks") if hasattr(sys.modules.get("networks"), "load_network") else None)
         _jobs = TrainingJobs(webui, folders, verify_restore=shared.opts.data.get("train_tools_verify_restore", True))
     return _jobs
