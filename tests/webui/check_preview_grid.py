@@ -37,17 +37,19 @@ def main() -> None:
     parser.add_argument("--lora-dir", required=True, type=Path)
     parser.add_argument("--log", type=Path)
     parser.add_argument("--cells", choices=("one", "all"), default="all")
+    parser.add_argument("--reuse", help="a LoRA this script trained before (skips training)")
     args = parser.parse_args()
-    api, name = args.url, f"ttgrid{os.getpid()}"
+    api, name = args.url, args.reuse or f"ttgrid{os.getpid()}"
     prompt = f"{name}, red disc \\(shape\\)"
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_pictures(Path(tmp), name, count=4)
-        request(api + "/train-tools/v1/train", dict(
-            name=name, train_dir=str(data), trigger_words=name, resolution=128, enable_buckets=False, epochs=2,
-            batch_size=1, rank=4, alpha=4, unet_lr=4e-4, text_encoder_lr=2e-4, lr_scheduler="constant", seed=3,
-            save_every_n_epochs=1))
-        status = wait_for_job(api)
+    if not args.reuse:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = make_pictures(Path(tmp), name, count=4)
+            request(api + "/train-tools/v1/train", dict(
+                name=name, train_dir=str(data), trigger_words=name, resolution=128, enable_buckets=False, epochs=2,
+                batch_size=1, rank=4, alpha=4, unet_lr=4e-4, text_encoder_lr=2e-4, lr_scheduler="constant", seed=3,
+                save_every_n_epochs=1))
+            status = wait_for_job(api)
         check(status["state"] == "done", f"trained {name}: {status['message']} {status['error']}")
 
     before = txt2img(api, prompt, negative_prompt="blurry")
