@@ -12,48 +12,15 @@ Exits non-zero on the first failed check.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-
-def request(url: str, payload: dict | None = None, method: str | None = None):
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=1800) as response:
-        return json.loads(response.read() or b"null")
-
-
-def check(condition: bool, message: str) -> None:
-    print(("ok   " if condition else "FAIL ") + message, flush=True)
-    if not condition:
-        sys.exit(1)
-
-
-def make_pictures(folder: Path) -> Path:
-    sub = folder / "1_ttlive"
-    sub.mkdir(parents=True)
-    for index in range(8):
-        image = Image.new("RGB", (128, 128), (20 * index, 80, 160))
-        ImageDraw.Draw(image).ellipse((20 + 4 * index, 30, 100, 110), fill=(230, 40, 40))
-        image.save(sub / f"{index}.png")
-        (sub / f"{index}.txt").write_text(f"ttlive, red disc (shape), picture {index}", encoding="utf-8")
-    return folder
-
-
-def txt2img(api: str, prompt: str) -> np.ndarray:
-    result = request(api + "/sdapi/v1/txt2img", {"prompt": prompt, "seed": 1234, "steps": 4, "width": 128,
-                                                 "height": 128, "sampler_name": "Euler", "cfg_scale": 7})
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["images"][0])))).astype(np.int16)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from webui_api import check, make_pictures, request, txt2img  # noqa: E402
 
 
 def train(api: str, settings: dict, stop_in_epoch: int | None = None) -> dict:
@@ -84,7 +51,7 @@ def main() -> None:
     run_name = f"ttlive{int(time.time()) % 100000}"
 
     with tempfile.TemporaryDirectory() as scratch:
-        pictures = make_pictures(Path(scratch))
+        pictures = make_pictures(Path(scratch), "ttlive")
         before = txt2img(api, "ttlive, red disc")
         settings = dict(name=run_name, train_dir=str(pictures), trigger_words="ttlive", resolution=128,
                         enable_buckets=False, epochs=2, batch_size=1, rank=4, alpha=4.0, unet_lr=1e-3,
