@@ -23,3 +23,19 @@ function train_tools_start() {
     res[0] = id;
     return res;
 }
+
+// Dataset page: the WebUI's progress bar while pictures are tagged, only when the tagger check passed (the
+// second input); #train_tools_ds_progress is written here only, never by a gradio event.
+function train_tools_ds_tag_start() {
+    var res = Array.from(arguments);
+    res[0] = randomId();
+    if (res[1]) {
+        var box = gradioApp().getElementById('train_tools_ds_progress');
+        requestProgress(res[0], box, null, function() {
+            box.innerHTML = '';
+        }, function(progress) {
+            box.innerHTML = progress.textinfo || '';
+        });
+    }
+    return res;
+}

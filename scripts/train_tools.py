@@ -41,7 +41,7 @@ def _import_ui_package():
 
 
 _import_ui_package()
-from train_tools_ui import train_page  # noqa: E402
+from train_tools_ui import dataset_page, train_page  # noqa: E402
 from train_tools_ui.webui_context import jobs  # noqa: E402
 
 
@@ -49,8 +49,12 @@ def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
         name, trigger = train_page.build_header()
         with gr.Tabs(elem_id="train_tools_pages"):
+            # The Dataset page comes first but sets the Train page's folder: its tab is placed now, filled below.
+            dataset_tab = gr.Tab("Dataset", elem_id="train_tools_page_dataset")
             with gr.Tab("Train", elem_id="train_tools_page_train"):
-                train_page.build(name, trigger)
+                train = train_page.build(name, trigger)
+            with dataset_tab:
+                dataset_page.build(name, trigger, train["train_dir"])
     return [(tab, "Train Tools", "train_tools")]
 
 
