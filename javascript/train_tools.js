@@ -24,6 +24,29 @@ function train_tools_start() {
     return res;
 }
 
+// Preview grid: the WebUI's progress bar while the grid renders (its own element, never a gradio output).
+function train_tools_grid_progress(id) {
+    var box = gradioApp().getElementById('train_tools_grid_progress');
+    requestProgress(id, box, null, function() {}, function(progress) {
+        box.innerHTML = progress.textinfo || '';
+    });
+}
+
+function train_tools_grid_start() {
+    var res = Array.from(arguments);
+    res[0] = randomId();
+    train_tools_grid_progress(res[0]);
+    return res;
+}
+
+// After a training, when "Generate after training" (the second input) is ticked.
+function train_tools_grid_after_training() {
+    var res = Array.from(arguments);
+    res[0] = randomId();
+    if (res[1]) train_tools_grid_progress(res[0]);
+    return res;
+}
+
 // Dataset page: the WebUI's progress bar while pictures are tagged, only when the tagger check passed (the
 // second input); #train_tools_ds_progress is written here only, never by a gradio event.
 function train_tools_ds_tag_start() {

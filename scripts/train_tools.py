@@ -41,7 +41,7 @@ def _import_ui_package():
 
 
 _import_ui_package()
-from train_tools_ui import dataset_page, train_page  # noqa: E402
+from train_tools_ui import dataset_page, grid_page, train_page  # noqa: E402
 from train_tools_ui.webui_context import jobs  # noqa: E402
 
 
@@ -53,6 +53,8 @@ def on_ui_tabs():
             dataset_tab = gr.Tab("Dataset", elem_id="train_tools_page_dataset")
             with gr.Tab("Train", elem_id="train_tools_page_train"):
                 train = train_page.build(name, trigger)
+            with gr.Tab("Preview grid", elem_id="train_tools_page_grid"):
+                grid_page.build(name, trigger, train["train_event"])
             with dataset_tab:
                 dataset_page.build(name, trigger, train["train_dir"])
     return [(tab, "Train Tools", "train_tools")]
@@ -88,6 +90,30 @@ def on_app_started(demo, app) -> None:
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()
+
+    @app.post("/train-tools/v1/grid", dependencies=dependencies)
+    def start_grid(settings: dict = Body(...)):
+        """Render a preview grid: name, prompt, weights ("0.4, 0.6, 1" or a list), epochs, seeds, sampler, ..."""
+        runner = jobs()
+        try:
+            job = runner.render_grid_in_background(runner.prepare_grid(settings))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return job.to_dict()
+
+    @app.post("/train-tools/v1/choose", dependencies=dependencies)
+    def choose(body: dict = Body(...)):
+        """Make a grid cell's epoch the LoRA's file: {name, grid_folder, x, y, delete_others?} (a pixel of grid.png)."""
+        name = str(body.get("name", "")).strip()
+        try:
+            picked = jobs().pick(name, str(body.get("grid_folder", "")), float(body.get("x", -1)), float(body.get("y", -1)))
+            if picked is None:
+                raise HTTPException(status_code=400, detail="No grid cell at that point.")
+            result = jobs().choose(name, picked.file, picked.weight, picked.picture, bool(body.get("delete_others")))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return {"final": str(result.final_path), "epoch": result.chosen.epoch, "weight": result.weight,
+                "preview": str(result.preview_path), "deleted": [str(p) for p in result.deleted]}
 
     @app.get("/train-tools/v1/status", dependencies=dependencies)
     def training_status():
