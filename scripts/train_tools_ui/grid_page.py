@@ -49,13 +49,17 @@ def _render(id_task: str, name: str, *values):
     return (str(grid) if grid else None), job.grid_folder, _message(text, error=job.state == "failed")
 
 
+_render_in_queue = call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", ""])
+
+
 def _render_after_training(id_task: str, want: bool, name: str, *values):
+    """Not wrapped itself: when the box is unticked nothing is queued and the page is left as it is."""
     if not want:
         return gr.update(), gr.update(), gr.update()
     job = jobs().current
     if job is None or job.kind != "train" or job.state not in ("done", "stopped") or not job.saved_files:
         return gr.update(), gr.update(), _message("No preview grid: the training saved no file.")
-    return _render(id_task, name, *values)
+    return _render_in_queue(id_task, name, *values)
 
 
 def _fill_prompt(name: str, trigger: str) -> str:
@@ -165,10 +169,9 @@ def build(name: gr.Textbox, trigger: gr.Textbox, train_event) -> None:
     grid_folder, switch_title, choice = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Textbox(visible=False)
     task_id = gr.Textbox(visible=False)
     settings = [prompt, negative, sampler, steps, cfg, width, height, seeds, weights, epochs, third_axis, cfg_values]
-    render.click(fn=call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", ""]), _js="train_tools_grid_start",
+    render.click(fn=_render_in_queue, _js="train_tools_grid_start",
                  inputs=[task_id, name, *settings], outputs=[grid, grid_folder, status])
-    train_event.then(fn=call_queue.wrap_gradio_gpu_call(_render_after_training, extra_outputs=[None, "", ""]),
-                     _js="train_tools_grid_after_training",
+    train_event.then(fn=_render_after_training, _js="train_tools_grid_after_training",
                      inputs=[task_id, after_training, name, *settings], outputs=[grid, grid_folder, status])
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
     fill.click(fn=_fill_prompt, inputs=[name, trigger], outputs=[prompt])

@@ -42,6 +42,8 @@ def main() -> None:
         page.wait_for_timeout(4000)
         page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
         page.wait_for_timeout(1000)
+        page.locator("#train_tools_pages > .tab-nav > button", has_text="Train").click()
+        page.wait_for_timeout(500)
         base = page.locator("#train_tools_base_model textarea").input_value()
         check(".safetensors" in base or "[" in base, f"base model shown: {base!r}")
 
