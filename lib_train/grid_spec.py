@@ -109,15 +109,18 @@ def _metadata_epoch(path: Path) -> int | None:
 def default_prompt(trigger_words: str, tag_frequency: Mapping[str, Mapping[str, int]],
                    count: int = DEFAULT_TAG_COUNT) -> str:
     """The trigger words, then the ``count`` tags most frequent in the captions (``ss_tag_frequency``:
-    {folder: {tag: images}}), so the preview shows the subject as it was trained. Tags already in the
+    {folder: {tag: images}}) among those shared by several pictures, so the preview shows the subject as trained. Tags already in the
     trigger words are skipped; parentheses in tags are escaped so the prompt does not read them as emphasis."""
     totals: Counter[str] = Counter()
     for tags in tag_frequency.values():
         totals.update(tags)
     triggers = [word.strip() for word in trigger_words.split(",") if word.strip()]
     taken = {word.lower() for word in triggers}
-    # most_common keeps first-seen order among equal counts, i.e. the captions' own order
-    typical = [tag for tag, _ in totals.most_common() if tag.lower() not in taken][:count]
+    # Typical means shared: a tag on a single picture ("picture 3") says nothing about the subject. most_common
+    # keeps first-seen order among equal counts, i.e. the captions' own order.
+    top = max(totals.values(), default=0)
+    shared = min(top, max(2, math.ceil(top / 4)))
+    typical = [tag for tag, n in totals.most_common() if n >= shared and tag.lower() not in taken][:count]
     return ", ".join(triggers + [escape_caption(tag) for tag in typical])
 
 

@@ -51,7 +51,7 @@ def main() -> None:
         page.locator("#train_tools_trigger textarea").fill("ttlive")
         page.locator("#train_tools_train_dir textarea").fill(args.pictures)
         tab = page.locator("#tab_train_tools")
-        for key, value in (("epochs", "1"), ("resolution", "256"), ("unet_lr", "0.001"), ("text_encoder_lr", "0.0005")):
+        for key, value in (("epochs", "1"), ("resolution", "256"), ("unet_lr", "0.0004"), ("text_encoder_lr", "0.0002")):
             tab.locator(f"#train_tools_{key} input[type=number]").fill(value)
         tab.locator("#train_tools_enable_buckets input[type=checkbox]").uncheck()
         page.screenshot(path=str(args.out / "tab-filled.png"), full_page=True)
@@ -63,8 +63,10 @@ def main() -> None:
         page.screenshot(path=str(args.out / "tab-training.png"), full_page=True)
         check(True, "the WebUI progress bar and the step text appear while training")
 
-        page.wait_for_function("document.querySelector('#train_tools_output').innerText.includes('done:')",
+        page.wait_for_function("/(done|failed|stopped):/.test(document.querySelector('#train_tools_output').innerText)",
                                timeout=900000)
+        output = page.locator("#train_tools_output").first.inner_text()
+        check("done:" in output, f"training done: {output.strip()[:200]!r}")
         page.wait_for_timeout(5000)
         page.screenshot(path=str(args.out / "tab-done.png"), full_page=True)
         files = page.locator("#train_tools_files").first.inner_text()
