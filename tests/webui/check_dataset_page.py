@@ -26,22 +26,16 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageEnhance
 from playwright.sync_api import Page, sync_playwright
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+from browser import open_train_tools  # noqa: E402
 from lib_train.captions import split_tags  # noqa: E402
 from lib_train.dataset import load_rgb  # noqa: E402
 from lib_train.tagger_wd14 import MODELS_SUBFOLDER, WD14Tagger  # noqa: E402
 from lib_train.tagging import TagOptions, merge_tags  # noqa: E402
+from webui_api import check  # noqa: E402
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 TRIGGER = "ttchar"
 LONG = 120_000  # ms; the CPU machine is shared and slow
-
-
-def check(condition: bool, message: str) -> None:
-    print(("ok   " if condition else "FAIL ") + message, flush=True)
-    if not condition:
-        sys.exit(1)
 
 
 # -- pictures ----------------------------------------------------------------------------------------
@@ -351,14 +345,7 @@ def main() -> None:
     files = make_pictures(args.out / "inputs")
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1200})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(args.url, wait_until="networkidle")
-        page.wait_for_timeout(4000)
-        page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
-        page.wait_for_timeout(1000)
+        browser, page, errors = open_train_tools(playwright, args.url, height=1200)
         first_page = page.locator("#train_tools_pages > .tab-nav > button").first.inner_text()
         check(first_page.strip() == "Dataset", f"the Dataset page comes first ({first_page!r})")
         fill(page, "train_tools_name", name)

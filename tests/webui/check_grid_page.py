@@ -17,7 +17,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_tab import CHROMIUM_ARGS  # noqa: E402
+from browser import open_train_tools, show_page  # noqa: E402
 from webui_api import check  # noqa: E402
 
 
@@ -30,13 +30,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(args.url, wait_until="networkidle")
-        page.wait_for_timeout(4000)
-        page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
-        page.locator("#train_tools_pages > .tab-nav > button", has_text="Preview grid").click()
-        page.wait_for_timeout(500)
+        browser, page, _ = open_train_tools(playwright, args.url, height=1400)
+        show_page(page, "Preview grid")
         page.locator("#train_tools_name textarea").fill(args.name)
         page.locator("#train_tools_trigger textarea").fill(args.name)
         page.locator("#train_tools_grid_check").click()

@@ -64,7 +64,10 @@ def main() -> None:
     check(any(0 < p < 1 for p in progress), f"WebUI progress moved during the grid ({len(progress)} polls)")
     folder = Path(status["grid_folder"])
     index = json.loads((folder / "grid.json").read_text("utf-8"))
-    check(len(index["cells"]) == 6 and (folder / "grid.png").exists(), "grid.png and 6 cells (2 epochs × 3 weights)")
+    # A fresh run saved 2 epochs; a reused LoRA has as many rows as it has files (a choice keeps the old final).
+    rows = 2 if not args.reuse else len(list((args.lora_dir / name).glob("*.safetensors")))
+    check(len(index["cells"]) == 3 * rows and (folder / "grid.png").exists(),
+          f"grid.png and {3 * rows} cells ({rows} epoch files × 3 weights)")
 
     entries = index["cells"] if args.cells == "all" else index["cells"][4:5]
     worst, compared = 0, 0

@@ -16,14 +16,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-
-
-def check(condition: bool, message: str) -> None:
-    print(("ok   " if condition else "FAIL ") + message, flush=True)
-    if not condition:
-        sys.exit(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from browser import open_train_tools, show_page  # noqa: E402
+from webui_api import check  # noqa: E402
 
 
 def main() -> None:
@@ -36,14 +31,8 @@ def main() -> None:
     name = f"tttab{int(time.time()) % 100000}"
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1300})
-        page.goto(args.url, wait_until="networkidle")
-        page.wait_for_timeout(4000)
-        page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
-        page.wait_for_timeout(1000)
-        page.locator("#train_tools_pages > .tab-nav > button", has_text="Train").click()
-        page.wait_for_timeout(500)
+        browser, page, _ = open_train_tools(playwright, args.url, height=1300)
+        show_page(page, "Train")
         base = page.locator("#train_tools_base_model textarea").input_value()
         check(".safetensors" in base or "[" in base, f"base model shown: {base!r}")
 
