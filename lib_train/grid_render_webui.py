@@ -53,12 +53,12 @@ class RenderedCell:
 class WebUIGridRenderer:
     """Cells keyed ``(weight index, epoch index, z index)``, as the X/Y/Z plot orders them."""
 
-    def __init__(self, webui: WebUI, host_unet, host_device, *,
+    def __init__(self, webui: WebUI, host_unet, *,
                  on_batch: Callable[[int, int, str], None] = lambda done, total, text: None,
                  stop_requested: Callable[[], bool] = lambda: False):
         self.webui = webui
         self.unet = host_unet
-        self.device = host_device
+        self.processing_class = _grid_txt2img_class(webui)
         self.on_batch = on_batch
         self.stop_requested = stop_requested
 
@@ -96,7 +96,7 @@ class WebUIGridRenderer:
     def _render_batch(self, network: LoRANetwork, settings: RenderSettings, z: ZValue,
                       weights: Sequence[float]) -> tuple[list[Image.Image], list[str]]:
         processing = self.webui.processing
-        p = self._processing_class()(
+        p = self.processing_class(
             sd_model=self.webui.shared.sd_model,
             prompt=settings.prompt,
             negative_prompt=settings.negative_prompt,
@@ -116,13 +116,6 @@ class WebUIGridRenderer:
         with closing(p), per_sample_unet_weights(network, self.unet, weights):
             processed = processing.process_images(p)
         return list(processed.images[:len(weights)]), list(processed.infotexts[:len(weights)])
-
-    def _processing_class(self):
-        cls = getattr(self, "_cls", None)
-        if cls is None:
-            cls = _grid_txt2img_class(self.webui)
-            self._cls = cls
-        return cls
 
 
 _BATCH_FIELDS = re.compile(r"Batch (size|pos): \d+, ")

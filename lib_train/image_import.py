@@ -285,7 +285,7 @@ def _import_one(
     report: ImportReport,
 ) -> None:
     folder = project.originals / source.relative.parent
-    with _temporary_copy(source, folder) as copy:
+    with _temporary_file(folder, lambda out: _copy_unpacking(source, out)) as copy:
         # Checked before the copy gets its name, so a refused file leaves nothing behind in originals/.
         image = open_clean(copy, background=options.background, pixel_limit=options.pixel_limit,
                            shown_as=source.label)
@@ -302,14 +302,14 @@ def _import_one(
 
 def _import_caption(caption: _Source, image_original: Path, picture: Path, report: ImportReport) -> None:
     folder = image_original.parent
-    with _temporary_copy(caption, folder) as copy:
+    with _temporary_file(folder, lambda out: _copy_unpacking(caption, out)) as copy:
         kept = _claim(copy, _numbered(folder, image_original.stem, caption.relative.suffix))
     try:
         text = read_caption(caption.path or kept)
     except DatasetError as error:
         report.failed.append(FileNote(caption.label, f"{error} {picture.name} was imported without a caption."))
         return
-    with _temporary_file(picture.parent, text.encode("utf-8")) as written:
+    with _temporary_file(picture.parent, lambda out: out.write(text.encode("utf-8"))) as written:
         _claim(written, [picture.with_suffix(".txt")])
 
 
@@ -387,7 +387,7 @@ def _encoded(picture: Image.Image) -> tuple[bytes, str]:
 
 def _write_new_picture(picture: Image.Image, folder: Path, stem: str) -> Path:
     data, suffix = _encoded(picture)
-    with _temporary_file(folder, data) as written:
+    with _temporary_file(folder, lambda out: out.write(data)) as written:
         return _claim(written, _free_picture_names(folder, stem, suffix))
 
 
@@ -477,7 +477,7 @@ def _reprepare(
     target = picture.with_suffix(suffix)
     if target != picture and target.exists():
         raise DatasetError(f"Cannot re-make {picture.name} as {target.name}: that file already exists.")
-    with _temporary_file(picture.parent, data) as written:
+    with _temporary_file(picture.parent, lambda out: out.write(data)) as written:
         os.replace(written, target)  # pictures/ is derived from originals/: replacing a picture is safe
     if target != picture:
         picture.unlink()
@@ -491,20 +491,6 @@ def _reprepare(
 # Files: temporary copies, no-clobber names, the manifest
 
 
-@contextmanager
-def _temporary_copy(source: _Source, folder: Path) -> Iterator[Path]:
-    """`source` copied into a hidden temporary file in `folder` (the dataset scan skips dot-files)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=folder, prefix=".import-", suffix=".tmp")
-    temporary = Path(name)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            _copy_unpacking(source, out)
-        yield temporary
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _copy_unpacking(source: _Source, out: BinaryIO) -> None:
     try:
         with source.read() as data:
@@ -515,13 +501,14 @@ def _copy_unpacking(source: _Source, out: BinaryIO) -> None:
 
 
 @contextmanager
-def _temporary_file(folder: Path, data: bytes) -> Iterator[Path]:
+def _temporary_file(folder: Path, write: Callable[[BinaryIO], object]) -> Iterator[Path]:
+    """A hidden temporary file in `folder` (the dataset scan skips dot-files) filled by `write`, removed on exit."""
     folder.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=folder, prefix=".import-", suffix=".tmp")
     temporary = Path(name)
     try:
         with os.fdopen(handle, "wb") as out:
-            out.write(data)
+            write(out)
         yield temporary
     finally:
         temporary.unlink(missing_ok=True)
@@ -585,7 +572,7 @@ class _Manifest:
         pictures = {name: {"original": original, "focus": list(focus) if focus else None}
                     for name, (original, focus) in sorted(self.entries.items())}
         text = json.dumps({"pictures": pictures}, ensure_ascii=False, indent=1) + "\n"
-        with _temporary_file(self.path.parent, text.encode("utf-8")) as written:
+        with _temporary_file(self.path.parent, lambda out: out.write(text.encode("utf-8"))) as written:
             os.replace(written, self.path)
         self._saved = dict(self.entries)
 

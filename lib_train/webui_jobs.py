@@ -218,23 +218,20 @@ class TrainingJobs:
     def prepare_grid(self, values: dict) -> GridRequest:
         """A grid request from the tab or the API: numbers may come as text ("0.4, 0.6, 1")."""
         name = check_output_name(str(values.get("name", "")))
-        third_axis = values.get("third_axis") or None
-
-        def numbers(key: str, label: str, integers: bool = False, default=None) -> list:
-            value = values.get(key, default)
+        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": values.get("third_axis") or None}
+        for key, convert in (("negative_prompt", str), ("sampler", str), ("steps", int), ("cfg_scale", float),
+                             ("width", int), ("height", int)):
+            if key in values:
+                given[key] = convert(values[key])
+        for key, label, integers in (("seeds", "seeds", True), ("weights", "weights", False),
+                                     ("cfg_values", "CFG scales", False), ("epochs", "epochs", True)):
+            value = values.get(key)
             if isinstance(value, str):
-                return parse_number_list(value, label, integers) if value.strip() else []
-            return list(value or [])
-
-        epochs = numbers("epochs", "epochs", integers=True)
-        spec = GridSpec(
-            prompt=str(values.get("prompt", "")), negative_prompt=str(values.get("negative_prompt", "")),
-            sampler=str(values.get("sampler", "Euler a")), steps=int(values.get("steps", 20)),
-            cfg_scale=float(values.get("cfg_scale", 7.0)), width=int(values.get("width", 512)),
-            height=int(values.get("height", 512)), seeds=numbers("seeds", "seeds", True, [1234]),
-            weights=numbers("weights", "weights", default=[0.4, 0.6, 0.8, 1.0]), epochs=epochs or None,
-            third_axis=third_axis, cfg_values=numbers("cfg_values", "CFG scales"),
-        ).validate()
+                value = parse_number_list(value, label, integers) if value.strip() else []
+            if value is not None:
+                given[key] = list(value)
+        given["epochs"] = given.get("epochs") or None  # none given: every epoch file
+        spec = GridSpec(**given).validate()  # what is not given keeps GridSpec's defaults
         rows = spec.select_epochs(epoch_files(self.folders.lora_dir / name, name))
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
         return GridRequest(name, spec, rows, new_grid_folder(grids))
