@@ -39,7 +39,7 @@ def build_checkpoint(path: Path) -> None:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from lib_train.models_sd1 import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd1
+    from lib_train.hosts.sd1 import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd1
 
     torch.manual_seed(0)
     model = build_sd1(SD15_UNET, SD15_VAE, SD15_TEXT)

@@ -18,7 +18,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from modules import script_callbacks, shared
 
-from lib_train.errors import TrainToolsError
+from lib_train.common.errors import TrainToolsError
 
 # Registered at import, not in on_ui_settings, so the options also exist under --nowebui.
 shared.options_templates.update(shared.options_section(("train_tools", "Train Tools"), {

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from lib_train.errors import ConfigError, DatasetError, OutputError
-from lib_train.model_guard import fingerprint
-from lib_train.train import train_lora
+from lib_train.common.errors import ConfigError, DatasetError, OutputError
+from lib_train.engine.model_guard import fingerprint
+from lib_train.engine.train import train_lora
 
 from .conftest import make_concept_images, tiny_config
 

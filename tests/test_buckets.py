@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from lib_train.buckets import (
+from lib_train.dataset.buckets import (
     centre_crop_box,
     choose_no_upscale_bucket,
     choose_predefined_bucket,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from lib_train.buckets import resize_to_bucket
-from lib_train.config import TrainConfig
-from lib_train.dataset import (
+from lib_train.dataset.buckets import resize_to_bucket
+from lib_train.engine.config import TrainConfig
+from lib_train.dataset.training_data import (
     IMAGE_EXTENSIONS,
     ImageRecord,
     TrainingData,
@@ -17,7 +17,7 @@ from lib_train.dataset import (
     pixels_to_tensor,
     scan_training_folder,
 )
-from lib_train.errors import DatasetError
+from lib_train.common.errors import DatasetError
 
 
 def encode(pixels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from lib_train.grid_image import BACKGROUND, MISSING_CELL, GridLayout, compose_grid
+from lib_train.preview.grid_image import BACKGROUND, MISSING_CELL, GridLayout, compose_grid
 
 CELL_W, CELL_H = 96, 64
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_train.dataset import TrainingData, scan_training_folder
-from lib_train.errors import ConfigError
-from lib_train.grid_spec import (
+from lib_train.dataset.training_data import TrainingData, scan_training_folder
+from lib_train.common.errors import ConfigError
+from lib_train.preview.grid_spec import (
     MAX_CELLS,
     GridSpec,
     default_prompt,
@@ -20,9 +20,9 @@ from lib_train.grid_spec import (
     parse_number_list,
     read_lora_metadata,
 )
-from lib_train.host import BaseModelInfo, ModelFamily, PredictionType
-from lib_train.metadata import RunFacts, lora_metadata, sidecar
-from lib_train.save import OutputPlan, write_lora, write_sidecar
+from lib_train.hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
+from lib_train.engine.metadata import RunFacts, lora_metadata, sidecar
+from lib_train.engine.save import OutputPlan, write_lora, write_sidecar
 
 from .conftest import make_concept_images, tiny_config
 

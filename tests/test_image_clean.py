@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from lib_train.errors import DatasetError
-from lib_train.image_clean import crop_to_size, fit_within, open_clean, readable_extensions, to_rgb
+from lib_train.common.errors import DatasetError
+from lib_train.dataset.image_clean import crop_to_size, fit_within, open_clean, readable_extensions, to_rgb
 
 RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
 

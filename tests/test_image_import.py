@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_train.errors import ConfigError, DatasetError
-from lib_train.image_import import PrepareOptions, clean_in_project, import_pictures, original_of
-from lib_train.project_folders import ProjectFolders
+from lib_train.common.errors import ConfigError, DatasetError
+from lib_train.dataset.image_import import PrepareOptions, clean_in_project, import_pictures, original_of
+from lib_train.dataset.project_folders import ProjectFolders
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 SQUARE_128 = PrepareOptions(target_size=(128, 128))

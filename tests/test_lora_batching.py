@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_train.lora_batching import per_sample_unet_weights, text_encoder_weight
-from lib_train.model_guard import fingerprint, hook_count
-from lib_train.network import LoRANetwork
-from lib_train.train import train_lora
+from lib_train.preview.lora_batching import per_sample_unet_weights, text_encoder_weight
+from lib_train.engine.model_guard import fingerprint, hook_count
+from lib_train.engine.network import LoRANetwork
+from lib_train.engine.train import train_lora
 from tests.conftest import make_concept_images, tiny_config
 
 WEIGHTS = [0.0, 0.5, 1.0]
@@ -18,8 +18,8 @@ WEIGHTS = [0.0, 0.5, 1.0]
 @pytest.fixture(scope="module")
 def epoch_files(tmp_path_factory):
     """Two epochs of a real training run on the tiny model (UNet with conv LoRA, and text encoder)."""
-    from lib_train.host_standalone import StandaloneHost
-    from lib_train.models_sd1 import build_tiny_sd1
+    from lib_train.hosts.standalone import StandaloneHost
+    from lib_train.hosts.sd1 import build_tiny_sd1
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("epochs")

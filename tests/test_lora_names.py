@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib_train.lora_names import text_encoder_targets, unet_targets
-from lib_train.models_sd1 import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd1
+from lib_train.engine.lora_names import text_encoder_targets, unet_targets
+from lib_train.hosts.sd1 import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd1
 
 RESNET_SUFFIXES = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
                    "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}

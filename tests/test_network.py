@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib_train.model_guard import fingerprint, hook_count
-from lib_train.network import LoRANetwork
-from lib_train.network_lora import LoRAModule
+from lib_train.engine.model_guard import fingerprint, hook_count
+from lib_train.engine.network import LoRANetwork
+from lib_train.engine.network_lora import LoRAModule
 
 
 def test_linear_forward_is_base_plus_scaled_up_down():

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lib_train.errors import ConfigError
-from lib_train.lora_names import text_encoder_targets, unet_targets
-from lib_train.model_guard import fingerprint, hook_count
-from lib_train.webui_jobs import Folders, TrainingJobs
+from lib_train.common.errors import ConfigError
+from lib_train.engine.lora_names import text_encoder_targets, unet_targets
+from lib_train.engine.model_guard import fingerprint, hook_count
+from lib_train.webui.jobs import Folders, TrainingJobs
 
 from .conftest import make_concept_images
 from .webui_standin import make_webui
@@ -120,7 +120,7 @@ def test_grid_layout_labels_and_click_to_choose(trained):
     grid = Image.open(request.out_dir / "grid.png")
     index = json.loads((request.out_dir / "grid.json").read_text("utf-8"))
     assert len(index["cells"]) == 3 * 2 * 2
-    from lib_train.grid_image import GridLayout
+    from lib_train.preview.grid_image import GridLayout
     layout = GridLayout.from_dict(index["layout"])
     assert (grid.width, grid.height) == (layout.width, layout.height)
     # A click in the middle of (weight 0.5, final, seed 8) picks that cell, whose picture is pasted there.

@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from lib_train.errors import CheckpointError, ConfigError, TrainToolsError
-from lib_train.tagger_wd14 import (
+from lib_train.common.errors import CheckpointError, ConfigError, TrainToolsError
+from lib_train.tagging.wd14 import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     KNOWN_MODELS,

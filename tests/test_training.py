@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_train.config import TrainConfig
-from lib_train.dataset import load_rgb, pixels_to_tensor
-from lib_train.diffusion_loss import add_noise, diffusion_loss
-from lib_train.errors import ConfigError, TrainingDiverged
-from lib_train.host_standalone import StandaloneHost
-from lib_train.model_guard import fingerprint, hook_count
-from lib_train.models_sd1 import build_tiny_sd1
-from lib_train.network import LoRANetwork
-from lib_train.train import train_lora
+from lib_train.engine.config import TrainConfig
+from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
+from lib_train.engine.loss import add_noise, diffusion_loss
+from lib_train.common.errors import ConfigError, TrainingDiverged
+from lib_train.hosts.standalone import StandaloneHost
+from lib_train.engine.model_guard import fingerprint, hook_count
+from lib_train.hosts.sd1 import build_tiny_sd1
+from lib_train.engine.network import LoRANetwork
+from lib_train.engine.train import train_lora
 
 from .conftest import make_concept_images, tiny_config
 
@@ -174,7 +174,7 @@ def test_config_defaults_validate():
 
 def test_cached_conditioning_of_captions_with_different_chunk_counts(tiny_host):
     """The WebUI encodes a caption over 75 tokens into 154 positions; a batch mixing lengths must still stack."""
-    from lib_train.train import _ConditioningCache
+    from lib_train.engine.train import _ConditioningCache
 
     class ChunkingHost:
         def encode_captions(self, captions):

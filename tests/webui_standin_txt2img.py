@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_train.models_sd1 import VAE_SCALE_FACTOR
+from lib_train.hosts.sd1 import VAE_SCALE_FACTOR
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
 ComposableScheduledPromptConditioning = namedtuple("ComposableScheduledPromptConditioning", ["schedules", "weight"])

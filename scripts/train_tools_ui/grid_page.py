@@ -10,9 +10,9 @@ from pathlib import Path
 import gradio as gr
 from modules import call_queue, sd_samplers, shared
 
-from lib_train.errors import TrainToolsError
-from lib_train.grid_render_webui import check_base_model
-from lib_train.grid_spec import default_prompt, epoch_files, read_lora_metadata
+from lib_train.common.errors import TrainToolsError
+from lib_train.webui.grid_render import check_base_model
+from lib_train.preview.grid_spec import default_prompt, epoch_files, read_lora_metadata
 
 from .webui_context import jobs
 

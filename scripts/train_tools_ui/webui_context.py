@@ -9,8 +9,8 @@ from pathlib import Path
 from modules import (call_queue, devices, images, paths, processing, progress, sd_hijack, sd_models,
                      sd_samplers_common, sd_vae, shared)
 
-from lib_train.host_webui import WebUI
-from lib_train.webui_jobs import Folders, TrainingJobs
+from lib_train.webui.host import WebUI
+from lib_train.webui.jobs import Folders, TrainingJobs
 
 _jobs: TrainingJobs | None = None
 

@@ -28,10 +28,10 @@ from playwright.sync_api import Page, sync_playwright
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 from browser import open_train_tools  # noqa: E402
-from lib_train.captions import split_tags  # noqa: E402
-from lib_train.dataset import load_rgb  # noqa: E402
-from lib_train.tagger_wd14 import MODELS_SUBFOLDER, WD14Tagger  # noqa: E402
-from lib_train.tagging import TagOptions, merge_tags  # noqa: E402
+from lib_train.dataset.captions import split_tags  # noqa: E402
+from lib_train.dataset.training_data import load_rgb  # noqa: E402
+from lib_train.tagging.wd14 import MODELS_SUBFOLDER, WD14Tagger  # noqa: E402
+from lib_train.tagging.auto_tag import TagOptions, merge_tags  # noqa: E402
 from webui_api import check  # noqa: E402
 
 TRIGGER = "ttchar"

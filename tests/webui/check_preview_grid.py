@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
-from lib_train.grid_image import GridLayout  # noqa: E402
+from lib_train.preview.grid_image import GridLayout  # noqa: E402
 from webui_api import check, make_pictures, request, txt2img, wait_for_job  # noqa: E402
 
 GRID = dict(negative_prompt="blurry", sampler="Euler", steps=4, cfg_scale=7, width=128, height=128, seeds="1234",

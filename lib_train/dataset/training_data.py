@@ -1,0 +1,356 @@
+"""The training folder: scanning it (kohya's `<N>_<name>` convention), loading images, caching latents, batching."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .buckets import (
+    BucketChoice,
+    Size,
+    choose_no_upscale_bucket,
+    choose_predefined_bucket,
+    make_bucket_resolutions,
+    mean_ar_error,
+    resize_to_bucket,
+)
+from .captions import find_caption, process_caption, read_caption, split_tags
+from ..engine.config import TrainConfig
+from ..common.errors import DatasetError
+from .image_clean import open_clean
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+
+# `10_my character` -> 10 repeats, class token "my character". The sign is captured so that
+# "-1_x" gets the repeat-count message rather than "not prefixed".
+REPEATS_PREFIX = re.compile(r"^(-?\d+)_(.*)$", re.DOTALL)
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str
+    repeats: int
+    folder: str  # basename of the image's folder, the key of kohya's dataset metadata
+    size: Size  # (width, height) after the EXIF orientation is applied
+
+
+# ---------------------------------------------------------------------------------------------
+# Image loading
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image as 8-bit RGB, upright, with transparency flattened onto white; the first frame of animations.
+
+    Raises DatasetError naming the file when it cannot be decoded completely (see ``image_clean.open_clean``).
+    """
+    return open_clean(path)
+
+
+def pixels_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Float32 (B, 3, H, W) in [-1, 1], kohya's `Normalize(0.5, 0.5)` of the RGB values."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).div_(127.5).sub_(1.0).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning the training folder
+
+
+def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRecord]:
+    """Every training image with its caption and repeats, in a deterministic order.
+
+    Either `<N>_<name>` subfolders (N repeats each, caption fallback `name`) or images directly in
+    `root` (default_repeats, caption fallback ""). Every image is decoded once here, so damaged
+    files are reported together before any model work starts.
+    """
+    root = Path(root).resolve()
+    if not root.exists():
+        raise DatasetError(f"Training folder not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"Training folder {root} is not a folder.")
+
+    root_images = images_in(root)
+    groups: list[tuple[Path, int, str, list[Path]]] = []  # (folder, repeats, class token, images)
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
+        images = images_in(folder)
+        if not images:
+            continue  # kohya ignores folders without images (caches, backups, ...)
+        match = REPEATS_PREFIX.match(folder.name)
+        if not match:
+            raise DatasetError(
+                f"Subfolder {folder} contains images but its name does not start with a repeat count. "
+                f"Rename it to e.g. '10_{folder.name}' (10 repeats per epoch), or move it out of the training folder."
+            )
+        repeats = int(match.group(1))
+        if repeats < 1:
+            raise DatasetError(
+                f"Subfolder {folder} has a repeat count of {repeats}; the number before '_' must be at least 1."
+            )
+        groups.append((folder, repeats, match.group(2), images))
+
+    if root_images and groups:
+        raise DatasetError(
+            f"Training folder {root} has images both directly inside it and in '<N>_<name>' subfolders "
+            f"({', '.join(g[0].name for g in groups)}). Move the loose images into a subfolder, or the "
+            f"subfolders' images up into the folder."
+        )
+    if root_images:
+        groups = [(root, default_repeats, "", root_images)]
+    if not groups:
+        raise DatasetError(
+            f"No images found in {root}. Accepted extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}. "
+            f"Put the images in the folder itself, or in subfolders named like '10_<name>'."
+        )
+
+    records: list[ImageRecord] = []
+    problems: list[str] = []
+    for folder, repeats, class_token, images in groups:
+        for image_path in images:
+            try:
+                size = load_rgb(image_path).size
+                caption_path = find_caption(image_path)
+                caption = read_caption(caption_path) if caption_path else class_token
+            except DatasetError as error:
+                problems.append(str(error))
+                continue
+            records.append(ImageRecord(image_path, caption, repeats, folder.name, size))
+    if problems:
+        raise DatasetError(
+            f"{len(problems)} file(s) in the training folder cannot be used:\n" + "\n".join(f"- {p}" for p in problems)
+        )
+    return records
+
+
+def images_in(folder: Path) -> list[Path]:
+    # Dot-files are skipped as kohya's glob does; macOS leaves `._name.png` resource forks on shared drives.
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+
+
+def pictures_in(folder: Path) -> list[Path]:
+    """Images directly in the folder, then in its subfolders (one level, as training reads ``<N>_<name>``)."""
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [*images_in(folder), *(image for subfolder in subfolders for image in images_in(subfolder))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Latents and batches
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B, C, h, w) float32, as `encode` returned them
+    captions: list[str]
+    records: list[ImageRecord]
+
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TrainingData:
+    """Records grouped into buckets, their cached latents, and the seeded batches of each epoch."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        resolution: int,
+        enable_buckets: bool,
+        min_bucket_reso: int,
+        max_bucket_reso: int,
+        bucket_reso_steps: int,
+        bucket_no_upscale: bool,
+        flip_aug: bool,
+        batch_size: int,
+        shuffle_caption: bool,
+        keep_tokens: int,
+        caption_dropout_rate: float,
+        seed: int,
+    ) -> None:
+        self.records = list(records)
+        self.flip_aug = flip_aug
+        self.batch_size = batch_size
+        self.shuffle_caption = shuffle_caption
+        self.keep_tokens = keep_tokens
+        self.caption_dropout_rate = caption_dropout_rate
+        self.seed = seed
+
+        # Indices into bucket_resolutions are the keys of bucket_info(), as in kohya.
+        if enable_buckets and bucket_no_upscale:
+            self.choices = self._choose_no_upscale_buckets(resolution, bucket_reso_steps)
+            self.bucket_resolutions = sorted({choice.bucket for choice in self.choices})
+        else:
+            # kohya ignores no_upscale when buckets are off: every image then goes to resolution².
+            self.bucket_resolutions = (
+                make_bucket_resolutions(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
+                if enable_buckets
+                else [(resolution, resolution)]
+            )
+            self.choices = [choose_predefined_bucket(r.size, self.bucket_resolutions) for r in self.records]
+        self._members: dict[Size, list[int]] = {}
+        for index, choice in enumerate(self.choices):
+            self._members.setdefault(choice.bucket, []).append(index)
+
+        self._latents: list[torch.Tensor] | None = None
+        self._flipped_latents: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, records: Sequence[ImageRecord], config: TrainConfig) -> TrainingData:
+        return cls(
+            records,
+            resolution=config.resolution,
+            enable_buckets=config.enable_buckets,
+            min_bucket_reso=config.min_bucket_reso,
+            max_bucket_reso=config.max_bucket_reso,
+            bucket_reso_steps=config.bucket_reso_steps,
+            bucket_no_upscale=config.bucket_no_upscale,
+            flip_aug=config.flip_aug,
+            batch_size=config.batch_size,
+            shuffle_caption=config.shuffle_caption,
+            keep_tokens=config.keep_tokens,
+            caption_dropout_rate=config.caption_dropout_rate,
+            seed=config.seed,
+        )
+
+    def _choose_no_upscale_buckets(self, resolution: int, step: int) -> list[BucketChoice]:
+        choices = [choose_no_upscale_bucket(r.size, resolution, step) for r in self.records]
+        too_small = [
+            f"- {r.path} ({r.size[0]}x{r.size[1]})" for r, c in zip(self.records, choices) if min(c.bucket) == 0
+        ]
+        if too_small:
+            raise DatasetError(
+                f"With 'no upscale' buckets every image side must be at least {step} px; these are smaller:\n"
+                + "\n".join(too_small)
+            )
+        return choices
+
+    # -- sizes --------------------------------------------------------------------------------
+
+    @property
+    def num_train_images(self) -> int:
+        """Images per epoch, repeats included (kohya's `ss_num_train_images`)."""
+        return sum(record.repeats for record in self.records)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return sum(math.ceil(self._items_in(members) / self.batch_size) for members in self._members.values())
+
+    def _items_in(self, members: list[int]) -> int:
+        return sum(self.records[i].repeats for i in members)
+
+    # -- latents ------------------------------------------------------------------------------
+
+    def cache_latents(
+        self,
+        encode: Encoder,
+        device: torch.device,
+        on_progress: Callable[[int, int], None] | None = None,
+        batch_size: int = 4,
+    ) -> None:
+        """Encode every image once (and its mirror image with flip_aug); keep the latents on `device`."""
+        latents: dict[int, torch.Tensor] = {}
+        flipped: dict[int, torch.Tensor] = {}
+        done, total = 0, len(self.records)
+        for bucket, members in sorted(self._members.items()):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                images = [
+                    resize_to_bucket(load_rgb(self.records[i].path), bucket, self.choices[i].resized_size)
+                    for i in chunk
+                ]
+                pixels = pixels_to_tensor(images).to(device)
+                for index, latent in zip(chunk, self._encode(encode, pixels, device)):
+                    latents[index] = latent
+                if self.flip_aug:
+                    for index, latent in zip(chunk, self._encode(encode, pixels.flip(-1), device)):
+                        flipped[index] = latent
+                done += len(chunk)
+                if on_progress:
+                    on_progress(done, total)
+        order = range(len(self.records))
+        self._latents = [latents[i] for i in order]
+        self._flipped_latents = [flipped[i] for i in order] if self.flip_aug else None
+
+    @staticmethod
+    def _encode(encode: Encoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        with torch.no_grad():
+            result = encode(pixels)
+        if result.dim() != 4 or result.shape[0] != pixels.shape[0]:
+            raise ValueError(f"encode returned shape {tuple(result.shape)} for pixels {tuple(pixels.shape)}")
+        return result.to(device=device, dtype=torch.float32)
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """One epoch of batches; the same (seed, epoch) always gives the same batches and captions."""
+        if self._latents is None:
+            raise RuntimeError("TrainingData.cache_latents() must run before batches().")
+        rng = random.Random(f"{self.seed}/{epoch}")
+        plan: list[list[int]] = []
+        for _, members in sorted(self._members.items()):
+            items = [i for i in members for _ in range(self.records[i].repeats)]
+            rng.shuffle(items)
+            plan.extend(items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size))
+        rng.shuffle(plan)
+        for indices in plan:
+            yield self._make_batch(indices, rng, self._latents, self._flipped_latents)
+
+    def _make_batch(
+        self,
+        indices: list[int],
+        rng: random.Random,
+        latents: list[torch.Tensor],
+        flipped: list[torch.Tensor] | None,
+    ) -> Batch:
+        chosen, captions = [], []
+        for i in indices:
+            chosen.append(flipped[i] if flipped is not None and rng.random() < 0.5 else latents[i])
+            captions.append(
+                process_caption(
+                    self.records[i].caption,
+                    rng,
+                    shuffle=self.shuffle_caption,
+                    keep_tokens=self.keep_tokens,
+                    dropout_rate=self.caption_dropout_rate,
+                )
+            )
+        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices])
+
+    # -- metadata (kohya's ss_* shapes) ---------------------------------------------------------
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """`ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}, img_count without repeats."""
+        dirs: dict[str, dict[str, int]] = {}
+        for record in self.records:
+            entry = dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return dirs
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """`ss_tag_frequency`: {folder: {lower-cased tag: occurrences}}, counted once per image, not per repeat."""
+        frequency: dict[str, Counter[str]] = {}
+        for record in self.records:
+            frequency.setdefault(record.folder, Counter()).update(tag.lower() for tag in split_tags(record.caption))
+        return {folder: dict(counts) for folder, counts in frequency.items()}
+
+    def bucket_info(self) -> dict[str, Any]:
+        """`ss_bucket_info`; keys are indices into `bucket_resolutions`, counts include repeats (as kohya)."""
+        buckets = {}
+        for index, resolution in enumerate(self.bucket_resolutions):
+            members = self._members.get(resolution)
+            if members:
+                buckets[str(index)] = {"resolution": list(resolution), "count": self._items_in(members)}
+        return {"buckets": buckets, "mean_img_ar_error": mean_ar_error(c.ar_error for c in self.choices)}

@@ -1,0 +1,188 @@
+"""Training settings: one dataclass shared by the tab, the HTTP API and the TOML file of the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common.errors import ConfigError
+
+OPTIMIZERS = ("AdamW", "AdamW8bit")
+SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a LoRA training run.
+
+    The defaults are a sensible first SD1.5 LoRA: rank 16 / alpha 8 (scale 0.5) is small enough to
+    generalise from 15-50 pictures; 1e-4 for the UNet and half of it for the text encoder is what
+    the common GUIs ship; cosine decay keeps late epochs from overshooting.
+    """
+
+    # Project
+    name: str = ""
+    train_dir: str = ""
+    output_dir: str = ""
+    trigger_words: str = ""
+    overwrite: bool = False
+
+    # Data
+    repeats: int = 1  # for a flat folder; `<N>_<name>` subfolders carry their own N
+    resolution: int = 512
+    enable_buckets: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    flip_aug: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    clip_skip: int = 1
+
+    # Network
+    rank: int = 16
+    alpha: float = 8.0
+    conv_rank: int = 0  # 0: no LoCon convs
+    conv_alpha: float = 1.0
+
+    # Optimisation
+    epochs: int = 10
+    batch_size: int = 1
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 5e-5  # 0 trains the UNet only
+    optimizer: str = "AdamW"
+    weight_decay: float = 0.01
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float = 0.0  # 0: off
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    # Saving
+    save_every_n_epochs: int = 1  # 0: only the final file
+    save_precision: str = "fp16"
+    comment: str = ""
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return self.text_encoder_lr > 0
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad setting; return self for chaining."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(bool(self.name.strip()), "Give the LoRA a name.")
+        need(bool(self.train_dir), "Choose the training folder.")
+        need(bool(self.output_dir), "Choose the output folder.")
+        need(self.resolution >= 64 and self.resolution % 64 == 0,
+             f"Resolution must be a multiple of 64 and at least 64 (got {self.resolution}).")
+        need(self.bucket_reso_steps % 64 == 0 and self.bucket_reso_steps > 0,
+             f"Bucket step must be a multiple of 64 (got {self.bucket_reso_steps}).")
+        need(not self.enable_buckets or 64 <= self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
+             f"Bucket sizes must satisfy 64 <= min ({self.min_bucket_reso}) <= resolution "
+             f"({self.resolution}) <= max ({self.max_bucket_reso}).")
+        need(self.repeats >= 1, f"Repeats must be at least 1 (got {self.repeats}).")
+        need(self.keep_tokens >= 0, "Keep tokens cannot be negative.")
+        need(0.0 <= self.caption_dropout_rate < 1.0, "Caption dropout must be in [0, 1).")
+        need(1 <= self.clip_skip <= 12, f"Clip skip must be between 1 and 12 (got {self.clip_skip}).")
+        need(self.rank >= 1, f"Rank must be at least 1 (got {self.rank}).")
+        need(self.alpha > 0, f"Alpha must be positive (got {self.alpha}).")
+        need(self.conv_rank >= 0, "Conv rank cannot be negative.")
+        need(self.conv_rank == 0 or self.conv_alpha > 0, "Conv alpha must be positive.")
+        need(self.epochs >= 1, f"Epochs must be at least 1 (got {self.epochs}).")
+        need(self.batch_size >= 1, f"Batch size must be at least 1 (got {self.batch_size}).")
+        for label, lr in (("UNet", self.unet_lr), ("Text encoder", self.text_encoder_lr)):
+            need(math.isfinite(lr) and 0 <= lr < 1, f"{label} learning rate must be in [0, 1) (got {lr}).")
+        need(self.unet_lr > 0, "The UNet learning rate must be positive.")
+        need(self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}.")
+        need(self.lr_scheduler in SCHEDULERS, f"Scheduler must be one of {', '.join(SCHEDULERS)}.")
+        need(self.lr_warmup_steps >= 0, "Warmup steps cannot be negative.")
+        need(self.gradient_accumulation_steps >= 1, "Gradient accumulation must be at least 1.")
+        need(self.max_grad_norm >= 0, "Max gradient norm cannot be negative (0 turns clipping off).")
+        need(self.min_snr_gamma >= 0, "Min-SNR gamma cannot be negative (0 turns it off).")
+        need(0 <= self.noise_offset < 1, "Noise offset must be in [0, 1).")
+        need(self.mixed_precision in MIXED_PRECISIONS,
+             f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
+        need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
+        need(self.save_precision in SAVE_PRECISIONS,
+             f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values.pop("extra")
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from plain values (TOML, JSON); unknown keys are an error, not silently ignored."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}.")
+        converted = {}
+        for key, value in values.items():
+            default = known[key].default
+            try:
+                converted[key] = _coerce(value, type(default))
+            except (TypeError, ValueError):
+                raise ConfigError(f"Setting '{key}' must be {type(default).__name__}, got {value!r}.") from None
+        return cls(**converted)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10 (the WebUI's tested version): install.py provides tomli
+            import tomli as tomllib
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"Config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
+        # Relative folders in a config file are relative to the file, not to the working directory.
+        for key in ("train_dir", "output_dir"):
+            if key in values and values[key] and not Path(values[key]).is_absolute():
+                values[key] = str((path.parent / values[key]).resolve())
+        return cls.from_dict(values)
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise TypeError
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    return value

@@ -1,0 +1,144 @@
+"""The metadata a LoRA file carries: kohya's ``ss_*`` keys, ``modelspec.*``, and the WebUI sidecar."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import dataclass, field
+
+from .config import TrainConfig
+from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
+from .optim import describe_optimizer
+
+_BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}
+_ARCHITECTURE = {ModelFamily.SD1: "stable-diffusion-v1/lora", ModelFamily.SD2: "stable-diffusion-v2-512/lora",
+                 ModelFamily.SDXL: "stable-diffusion-xl-v1-base/lora"}
+_SIDECAR_VERSION = {ModelFamily.SD1: "SD1", ModelFamily.SD2: "SD2", ModelFamily.SDXL: "SDXL"}
+
+
+@dataclass
+class RunFacts:
+    """What the run knows beyond the config, fixed when training starts."""
+
+    family: ModelFamily
+    prediction_type: PredictionType
+    base_model: BaseModelInfo
+    session_id: int
+    started_at: float
+    num_train_images: int
+    num_batches_per_epoch: int
+    max_train_steps: int
+    dataset_dirs: dict
+    tag_frequency: dict
+    bucket_info: dict
+    extra: dict = field(default_factory=dict)
+
+
+def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epoch: int, steps: int) -> dict[str, str]:
+    """Every value a string, as safetensors requires; dicts as JSON (A1111 parses values starting with '{')."""
+    ss = {
+        "ss_session_id": facts.session_id,
+        "ss_training_started_at": facts.started_at,
+        "ss_training_finished_at": time.time(),
+        "ss_output_name": output_name,
+        "ss_sd_model_name": facts.base_model.name,
+        "ss_sd_model_hash": facts.base_model.legacy_hash,
+        "ss_new_sd_model_hash": facts.base_model.sha256,
+        "ss_training_comment": config.comment,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": config.rank,
+        "ss_network_alpha": float(config.alpha),
+        "ss_network_dropout": None,
+        "ss_v2": facts.family is ModelFamily.SD2,
+        "ss_base_model_version": _BASE_MODEL_VERSION[facts.family] + ("_v" if facts.family is not ModelFamily.SDXL
+                                                                        and facts.prediction_type is PredictionType.V else ""),
+        "ss_clip_skip": config.clip_skip if config.clip_skip > 1 else None,
+        "ss_max_token_length": None,
+        "ss_learning_rate": config.unet_lr,
+        "ss_unet_lr": config.unet_lr,
+        "ss_text_encoder_lr": config.text_encoder_lr,
+        "ss_network_train_unet_only": not config.train_text_encoder,
+        "ss_optimizer": describe_optimizer(config.optimizer, config.weight_decay),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_seed": config.seed,
+        "ss_max_train_steps": facts.max_train_steps,
+        "ss_num_epochs": config.epochs,
+        "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_noise_offset": config.noise_offset or None,
+        "ss_min_snr_gamma": config.min_snr_gamma or None,
+        "ss_loss_type": "l2",
+        "ss_prior_loss_weight": 1.0,
+        "ss_caption_dropout_rate": config.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": 0,
+        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_cache_latents": True,
+        "ss_resolution": (config.resolution, config.resolution),
+        "ss_batch_size_per_device": config.batch_size,
+        "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps,
+        "ss_enable_bucket": config.enable_buckets,
+        "ss_bucket_no_upscale": config.bucket_no_upscale,
+        "ss_min_bucket_reso": config.min_bucket_reso,
+        "ss_max_bucket_reso": config.max_bucket_reso,
+        "ss_color_aug": False,
+        "ss_flip_aug": config.flip_aug,
+        "ss_random_crop": False,
+        "ss_shuffle_caption": config.shuffle_caption,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_num_train_images": facts.num_train_images,
+        "ss_num_reg_images": 0,
+        "ss_dataset_dirs": facts.dataset_dirs,
+        "ss_reg_dataset_dirs": {},
+        "ss_tag_frequency": facts.tag_frequency,
+        "ss_bucket_info": facts.bucket_info,
+    }
+    if config.conv_rank > 0:
+        ss["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+    if facts.base_model.vae_name:
+        ss["ss_vae_name"] = facts.base_model.vae_name
+
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _ARCHITECTURE[facts.family],
+        "modelspec.implementation": "diffusers" if facts.family is not ModelFamily.SDXL
+        else "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if facts.prediction_type is PredictionType.V else "epsilon",
+    }
+    if config.clip_skip > 1:
+        spec["modelspec.encoder_layer"] = str(config.clip_skip)
+    if config.trigger_words.strip():
+        spec["modelspec.trigger_phrase"] = config.trigger_words.strip()
+    return {key: _as_text(value) for key, value in {**ss, **spec}.items()}
+
+
+def _as_text(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def sidecar(config: TrainConfig, family: ModelFamily, epoch: int) -> dict:
+    """The WebUI's user metadata (``<name>.json`` beside the file), shown on the Extra Networks card."""
+    settings = (f"Trained with Train Tools: epoch {epoch}/{config.epochs}, rank {config.rank}, alpha {config.alpha}"
+                + (f", conv rank {config.conv_rank}/{config.conv_alpha}" if config.conv_rank else "")
+                + f", {config.resolution}px, batch {config.batch_size}, UNet lr {config.unet_lr}, "
+                f"text encoder lr {config.text_encoder_lr}, {config.optimizer}, {config.lr_scheduler}, seed {config.seed}.")
+    return {
+        "description": config.comment,
+        "sd version": _SIDECAR_VERSION[family],
+        "activation text": config.trigger_words.strip(),
+        "preferred weight": 1.0,
+        "negative text": "",
+        "notes": settings,
+    }

@@ -1,0 +1,140 @@
+"""The set of LoRA modules for one model: which layers, attach/detach, and the kohya state dict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..hosts.protocol import ModelFamily, TrainingHost
+from .lora_names import LoraTarget, text_encoder_targets, unet_targets
+from .network_lora import LoRAModule
+
+
+class LoRANetwork(nn.Module):
+    """LoRA modules keyed by their kohya name, split into UNet and text-encoder parts."""
+
+    def __init__(self, unet_modules: list[LoRAModule], text_encoder_modules: list[LoRAModule]):
+        super().__init__()
+        self.unet_modules = nn.ModuleList(unet_modules)
+        self.text_encoder_modules = nn.ModuleList(text_encoder_modules)
+        keys = [m.key for m in self.modules_in_order()]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        if duplicates:
+            raise ValueError(f"Duplicate LoRA keys: {sorted(duplicates)[:5]}")
+
+    @classmethod
+    def for_host(
+        cls,
+        host: TrainingHost,
+        *,
+        rank: int,
+        alpha: float,
+        conv_rank: int = 0,
+        conv_alpha: float = 1.0,
+        train_text_encoder: bool = True,
+        seed: int = 0,
+    ) -> "LoRANetwork":
+        if host.family is not ModelFamily.SD1:
+            raise NotImplementedError(f"LoRA training for {host.family.value} is not supported yet; load an SD1.x checkpoint.")
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        def build(targets: list[LoraTarget]) -> list[LoRAModule]:
+            modules = []
+            for target in targets:
+                r, a = (conv_rank, conv_alpha) if target.is_conv_3x3 else (rank, alpha)
+                modules.append(LoRAModule(target.key, target.module, r, a, generator, device=host.device))
+            return modules
+
+        unet_modules = build(unet_targets(host.unet, with_convs=conv_rank > 0))
+        te_modules: list[LoRAModule] = []
+        if train_text_encoder:
+            for encoder in host.text_encoders:
+                te_modules += build(text_encoder_targets(encoder.module, encoder.key_prefix))
+        return cls(unet_modules, te_modules)
+
+    @classmethod
+    def for_kohya_state_dict(cls, host: TrainingHost, state: dict[str, torch.Tensor]) -> "LoRANetwork":
+        """Modules shaped like a kohya file's (which layers, each module's rank), ready for
+        ``load_kohya_state_dict``: the epochs of one run share this shape, so one network serves them all."""
+        if host.family is not ModelFamily.SD1:
+            raise NotImplementedError(f"LoRA files for {host.family.value} are not supported yet.")
+        targets = unet_targets(host.unet, with_convs=True)
+        for encoder in host.text_encoders:
+            targets += text_encoder_targets(encoder.module, encoder.key_prefix)
+        file_keys = {key.split(".", 1)[0] for key in state}
+        unknown = file_keys - {target.key for target in targets}
+        if unknown:
+            raise ValueError(f"{len(unknown)} LoRA keys match no layer of the loaded model (e.g. {sorted(unknown)[0]}); "
+                             "was this file trained on another model family?")
+
+        def build(part: list[LoraTarget]) -> list[LoRAModule]:
+            modules = []
+            for target in part:
+                if target.key in file_keys:
+                    rank = state[f"{target.key}.lora_down.weight"].shape[0]
+                    alpha = float(state[f"{target.key}.alpha"])
+                    modules.append(LoRAModule(target.key, target.module, rank, alpha, device=host.device))
+            return modules
+
+        unet_keys = {target.key for target in unet_targets(host.unet, with_convs=True)}
+        network = cls(build([t for t in targets if t.key in unet_keys]), build([t for t in targets if t.key not in unet_keys]))
+        network.load_kohya_state_dict(state)
+        return network
+
+    def modules_in_order(self) -> Iterator[LoRAModule]:
+        yield from self.unet_modules
+        yield from self.text_encoder_modules
+
+    def attach(self) -> None:
+        for module in self.modules_in_order():
+            module.attach()
+
+    def detach(self) -> None:
+        for module in self.modules_in_order():
+            module.detach()
+
+    @contextmanager
+    def attached(self) -> Iterator["LoRANetwork"]:
+        """Hooks in place for the duration of the block, removed whatever happens."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.modules_in_order():
+            module.multiplier = multiplier
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``<key>.lora_down.weight``, ``<key>.lora_up.weight`` and ``<key>.alpha``, on CPU, contiguous."""
+        state = {}
+        for module in self.modules_in_order():
+            state[f"{module.key}.lora_down.weight"] = module.lora_down.weight.detach().to("cpu", dtype).contiguous()
+            state[f"{module.key}.lora_up.weight"] = module.lora_up.weight.detach().to("cpu", dtype).contiguous()
+            state[f"{module.key}.alpha"] = module.alpha.detach().to("cpu", dtype).contiguous()
+        return state
+
+    def load_kohya_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors of a kohya file into the modules; every key must match in name and shape."""
+        expected = set(self.kohya_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"LoRA keys do not match: {len(missing)} missing, {len(unexpected)} unexpected "
+                             f"(e.g. {sorted(missing or unexpected)[0]})")
+        with torch.no_grad():
+            for module in self.modules_in_order():
+                module.lora_down.weight.copy_(state[f"{module.key}.lora_down.weight"])
+                module.lora_up.weight.copy_(state[f"{module.key}.lora_up.weight"])
+                module.alpha.copy_(state[f"{module.key}.alpha"])
+
+    def parameter_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        groups = [{"params": list(self.unet_modules.parameters()), "lr": unet_lr, "name": "unet"}]
+        if len(self.text_encoder_modules):
+            groups.append({"params": list(self.text_encoder_modules.parameters()), "lr": text_encoder_lr,
+                           "name": "text_encoder"})
+        return groups
+

@@ -1,0 +1,216 @@
+"""The LoRA training loop. Reads top to bottom: plan outputs, load data, cache latents, attach LoRA,
+train epoch by epoch, save. The host model is left exactly as it was, whatever happens."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from ..dataset.training_data import TrainingData, scan_training_folder
+from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
+from ..common.errors import ConfigError, TrainingDiverged
+from ..hosts.protocol import Progress, TrainingHost
+from .metadata import RunFacts, lora_metadata, sidecar
+from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
+from .network import LoRANetwork
+from .optim import make_lr_schedule, make_optimizer
+from .save import SAVE_DTYPES, OutputPlan, write_lora, write_sidecar
+
+
+@dataclass
+class TrainResult:
+    saved_files: list[Path] = field(default_factory=list)
+    stopped: bool = False  # the user asked to stop; saved_files holds what was finished before
+    steps: int = 0
+    total_steps: int = 0
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    setup_seconds: float = 0.0  # start until the first training step
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
+    started = time.time()
+    config.validate()
+    plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
+    amp_dtype = _autocast_dtype(config, host)
+
+    records = scan_training_folder(config.train_dir, config.repeats)
+    data = TrainingData.from_config(records, config)
+    steps_per_epoch = math.ceil(data.num_batches_per_epoch / config.gradient_accumulation_steps)
+    result = TrainResult(total_steps=steps_per_epoch * config.epochs)
+    facts = RunFacts(
+        family=host.family, prediction_type=host.prediction_type, base_model=host.base_model,
+        session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,
+        num_batches_per_epoch=data.num_batches_per_epoch, max_train_steps=result.total_steps,
+        dataset_dirs=data.dataset_dirs(), tag_frequency=data.tag_frequency(), bucket_info=data.bucket_info(),
+    )
+
+    network = optimizer = None
+    text_encoder_modules = [encoder.module for encoder in host.text_encoders]
+    with ExitStack() as cleanup:
+        try:
+            cleanup.enter_context(host.training_session())
+            cleanup.enter_context(frozen([host.unet, *text_encoder_modules]))
+            _cache_latents(host, data)
+
+            network = LoRANetwork.for_host(
+                host, rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
+                train_text_encoder=config.train_text_encoder, seed=config.seed,
+            )
+            cleanup.enter_context(network.attached())
+            if config.gradient_checkpointing:
+                trained_encoders = text_encoder_modules if config.train_text_encoder else []
+                cleanup.enter_context(gradient_checkpointing(checkpointed_blocks(host.unet, trained_encoders)))
+
+            optimizer = make_optimizer(config.optimizer, network.parameter_groups(config.unet_lr, config.text_encoder_lr),
+                                       config.weight_decay, host.device)
+            schedule = make_lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, result.total_steps)
+            scaler = _grad_scaler() if amp_dtype == torch.float16 else None
+            autocast = torch.autocast(host.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            generator = torch.Generator(device=host.device).manual_seed(config.seed)
+            alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
+            conditioning = _ConditioningCache(host, cacheable=not (config.train_text_encoder or config.shuffle_caption
+                                                                   or config.caption_dropout_rate > 0))
+            # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
+            conditioning.prefill([record.caption for record in data.records])
+            trainable = [p for group in optimizer.param_groups for p in group["params"]]
+            result.setup_seconds = time.time() - started
+
+            for epoch in range(1, config.epochs + 1):
+                batches = list(data.batches(epoch - 1))
+                step_loss, step_started = 0.0, time.time()
+                for index, batch in enumerate(batches):
+                    if host.should_stop():
+                        raise _StopRequested
+                    with autocast:
+                        cond = conditioning.encode(batch.captions)
+                        noisy, noise, timesteps = add_noise(batch.latents, alphas_cumprod, generator, config.noise_offset)
+                        prediction = host.predict(noisy, timesteps, cond)
+                    target = training_target(host.prediction_type, batch.latents, noise, alphas_cumprod, timesteps)
+                    weights = (min_snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma, host.prediction_type)
+                               if config.min_snr_gamma > 0 else None)
+                    loss = diffusion_loss(prediction, target, weights)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(
+                            f"The loss became {loss_value} at step {result.steps + 1} (epoch {epoch}); training stopped. "
+                            "Lower the learning rate or use bf16/fp32 instead of fp16. Files saved before are kept.")
+                    loss = loss / config.gradient_accumulation_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss_value / config.gradient_accumulation_steps
+
+                    if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
+                        continue
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if config.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    learning_rate = schedule.get_last_lr()[0]
+                    schedule.step()
+                    result.steps += 1
+                    result.loss_history.append((result.steps, step_loss))
+                    result.step_seconds.append(time.time() - step_started)
+                    host.report(Progress("training", result.steps, result.total_steps, epoch, config.epochs,
+                                         loss=step_loss, learning_rate=learning_rate))
+                    step_loss, step_started = 0.0, time.time()
+
+                if plan.saves_after_epoch(epoch):
+                    _save_epoch(host, config, plan, facts, network, epoch, result)
+        except _StopRequested:
+            result.stopped = True
+        finally:
+            # Tracebacks keep frames alive: drop the big objects so their memory (VRAM) is given back.
+            network = optimizer = data = conditioning = None  # noqa: F841
+
+    host.report(Progress("done", result.steps, result.total_steps, message="Stopped." if result.stopped else "Done.",
+                         saved_files=[str(p) for p in result.saved_files]))
+    return result
+
+
+def _autocast_dtype(config: TrainConfig, host: TrainingHost) -> torch.dtype | None:
+    requested = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    if requested is torch.float16 and host.device.type != "cuda":
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on the CPU choose bf16 or no.")
+    if requested is None and host.dtype != torch.float32:
+        return host.dtype  # half-precision weights (the WebUI on a GPU) only run under autocast
+    return requested
+
+
+def _grad_scaler():
+    """torch.amp.GradScaler from torch 2.3; torch.cuda.amp.GradScaler before (the WebUI ships 2.1)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _cache_latents(host: TrainingHost, data: TrainingData) -> None:
+    def on_progress(done: int, total: int) -> None:
+        if host.should_stop():
+            raise _StopRequested
+        host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
+
+    data.cache_latents(host.encode_images, host.device, on_progress)
+
+
+class _ConditioningCache:
+    """With a frozen text encoder and fixed captions, each caption is encoded once."""
+
+    def __init__(self, host: TrainingHost, cacheable: bool):
+        self.host = host
+        self.cacheable = cacheable
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def prefill(self, captions: list[str], chunk: int = 16) -> None:
+        unique = sorted(set(captions))
+        for start in range(0, len(unique), chunk):
+            if self.cacheable:
+                self.encode(unique[start:start + chunk])
+
+    def encode(self, captions: list[str]):
+        if not self.cacheable:
+            return self.host.encode_captions(captions)
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            with torch.no_grad():
+                encoded = self.host.encode_captions(missing)
+            if not isinstance(encoded, torch.Tensor):  # dict conditioning (SDXL): not cached
+                self.cacheable = False
+                return self.host.encode_captions(captions)
+            self.cache.update(zip(missing, encoded))
+        cached = [self.cache[c] for c in captions]
+        if len({t.shape for t in cached}) > 1:
+            # Captions over 75 tokens take more 77-token chunks (the WebUI's text path): encoded together,
+            # the batch is padded to a common length.
+            with torch.no_grad():
+                return self.host.encode_captions(captions)
+        return torch.stack(cached)
+
+
+def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,
+                epoch: int, result: TrainResult) -> None:
+    host.report(Progress("saving", result.steps, result.total_steps, epoch, config.epochs,
+                         message=f"Saving {plan.lora_path(epoch).name}"))
+    state = network.kohya_state_dict(SAVE_DTYPES[config.save_precision])
+    metadata = lora_metadata(config, facts, output_name=plan.stem(epoch), epoch=epoch, steps=result.steps)
+    write_lora(plan.lora_path(epoch), state, metadata, config.overwrite)
+    result.saved_files.append(plan.lora_path(epoch))
+    write_sidecar(plan.sidecar_path(epoch), sidecar(config, host.family, epoch), config.overwrite)
+    host.report(Progress("saved", result.steps, result.total_steps, epoch, config.epochs,
+                         message=f"Saved {plan.lora_path(epoch).name}", saved_files=[str(plan.lora_path(epoch))]))

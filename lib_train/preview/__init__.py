@@ -1,0 +1,1 @@
+"""The epoch × weight preview grid: its settings, its picture, per-sample Lora weights, choosing a cell."""

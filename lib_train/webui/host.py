@@ -1,0 +1,159 @@
+"""The host protocol over the WebUI's live model (``shared.sd_model``), SD1.x for now.
+
+The WebUI's modules are handed in as a namespace (see ``scripts/train_tools.py``), so this package
+imports none of them and the tests can drive this adapter with a stand-in built from real classes.
+Captions go through the WebUI's own ``cond_stage_model`` (clip skip, long prompts, emphasis and
+embeddings behave as in generation) and images through its VAE path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from ..dataset.captions import escape_caption
+from ..common.errors import ConfigError
+from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
+
+TRAINING_ATTENTION = "sdp - scaled dot product"
+@dataclass
+class WebUI:
+    """The WebUI modules the adapter uses; ``networks`` is the built-in Lora extension's module, if loaded."""
+
+    shared: Any
+    devices: Any
+    sd_hijack: Any
+    processing: Any
+    sd_samplers_common: Any
+    call_queue: Any = None
+    progress: Any = None
+    sd_vae: Any = None
+    sd_models: Any = None
+    images: Any = None
+    networks: ModuleType | SimpleNamespace | None = None
+
+
+class WebUIHost:
+    """Implements ``TrainingHost`` over ``shared.sd_model``; progress goes to ``shared.state``."""
+
+    def __init__(self, webui: WebUI, *, seed: int = 0, on_progress: Callable[[Progress], None] | None = None,
+                 stop_requested: Callable[[], bool] = lambda: False):
+        self.webui = webui
+        self.sd_model = webui.shared.sd_model
+        self.seed = seed
+        self._on_progress = on_progress
+        self._stop_requested = stop_requested
+        model = self.sd_model
+        if getattr(webui.shared.cmd_opts, "lowvram", False):
+            raise ConfigError("Training is not possible with --lowvram: restart the WebUI without it (--medvram works).")
+        if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False) or not getattr(model, "is_sd1", True):
+            kind = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "this"
+            raise ConfigError(f"Train Tools trains on SD1.x checkpoints for now; the loaded model is {kind}. "
+                              "Load an SD1.x checkpoint in the WebUI first.")
+        self.family = ModelFamily.SD1
+        self.prediction_type = PredictionType.V if getattr(model, "parameterization", "eps") == "v" else PredictionType.EPSILON
+        self.unet = model.model.diffusion_model
+        self.device = torch.device(webui.devices.device)
+        self.medvram = bool(getattr(model, "lowvram", False))
+
+    @property
+    def text_encoders(self) -> list[TextEncoder]:
+        return [TextEncoder(self.sd_model.cond_stage_model.wrapped.transformer, "lora_te")]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def base_model(self) -> BaseModelInfo:
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        vae_file = getattr(self.webui.sd_vae, "loaded_vae_file", None) if self.webui.sd_vae else None
+        return BaseModelInfo(
+            name=os.path.basename(getattr(info, "filename", "") or ""),
+            legacy_hash=getattr(info, "hash", "") or "",
+            sha256=getattr(info, "sha256", "") or "",
+            vae_name=os.path.basename(vae_file) if vae_file else "",
+        )
+
+    @contextmanager
+    def training_session(self) -> Iterator[None]:
+        """Leave the live model as the WebUI had it: built-in Lora weights un-merged, SDP attention for the run,
+        the user's attention optimisation and cleared conditioning caches afterwards, memory given back."""
+        self.unmerge_builtin_lora()
+        self.clear_conditioning_caches()
+        self.webui.sd_hijack.apply_optimizations(TRAINING_ATTENTION)
+        try:
+            yield
+        finally:
+            self.webui.sd_hijack.model_hijack.apply_optimizations()
+            self.clear_conditioning_caches()
+            self.webui.devices.torch_gc()
+
+    def unmerge_builtin_lora(self) -> None:
+        """The built-in Lora merges weights into the model and keeps them after a generation; training
+        must start from the checkpoint's own weights, and the next generation re-merges what it needs."""
+        networks = self.webui.networks
+        if networks is None:
+            return
+        with torch.no_grad():  # the WebUI's UNet weights require grad; an in-place copy on them needs no_grad
+            self._restore_backups(networks)
+        networks.loaded_networks.clear()
+
+    def _restore_backups(self, networks) -> None:
+        for module in getattr(self.sd_model, "network_layer_mapping", {}).values():
+            if getattr(module, "network_weights_backup", None) is not None or getattr(module, "network_bias_backup", None) is not None:
+                networks.network_restore_weights_from_backup(module)
+            if hasattr(module, "network_current_names"):
+                module.network_current_names = ()
+
+    def clear_conditioning_caches(self) -> None:
+        processing = self.webui.processing.StableDiffusionProcessing
+        processing.cached_c = [None, None]
+        processing.cached_uc = [None, None]
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        schedule = getattr(self.sd_model, "alphas_cumprod_original", None)
+        if schedule is None:
+            schedule = self.sd_model.alphas_cumprod
+        return schedule.detach().to(self.device, torch.float32)
+
+    def encode_captions(self, captions: list[str]) -> Conditioning:
+        return self.sd_model.cond_stage_model([escape_caption(c) for c in captions])
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The VAE samples from the global RNG: seed it for repeatable latents, then give the WebUI its state back.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            images01 = (pixels.float() + 1.0) / 2.0
+            latents = self.webui.sd_samplers_common.images_tensor_to_samples(images01, 0, self.sd_model)
+        return latents.float()
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+
+    def report(self, progress: Progress) -> None:
+        state = self.webui.shared.state
+        if progress.phase == "caching":
+            state.job_count, state.job_no = progress.total_steps, progress.step
+            state.textinfo = progress.message
+        elif progress.phase == "training":
+            state.job_count, state.job_no = progress.total_steps, progress.step
+            state.textinfo = (f"Epoch {progress.epoch}/{progress.total_epochs}, step {progress.step}/{progress.total_steps}, "
+                              f"loss {progress.loss:.4f}")
+        elif progress.message:
+            state.textinfo = progress.message
+        if progress.phase == "saved" and self.webui.networks is not None:
+            self.webui.networks.list_available_networks()  # new files usable in prompts and listed at once
+        if self._on_progress is not None:
+            self._on_progress(progress)
+
+    def should_stop(self) -> bool:
+        state = self.webui.shared.state
+        return bool(state.interrupted or getattr(state, "stopping_generation", False) or self._stop_requested())

@@ -1,0 +1,297 @@
+"""Jobs inside the WebUI (a training, or a preview grid): one at a time, under the WebUI's queue lock, with a
+status the tab and the HTTP API both read, and proof that the live model is exactly as it was afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..engine.config import TrainConfig
+from PIL import Image
+
+from ..preview.epoch_choice import ChoiceResult, choose_epoch
+from ..common.errors import ConfigError, TrainToolsError
+from .grid_render import check_base_model
+from ..preview.grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
+from ..hosts.protocol import Progress
+from .host import WebUI, WebUIHost
+from ..engine.model_guard import fingerprint
+from .path_policy import confine
+from ..dataset.project_folders import ProjectFolders
+from ..engine.save import OutputPlan, check_output_name
+from ..engine.train import train_lora
+from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
+
+
+@dataclass
+class JobStatus:
+    id: str
+    kind: str = "train"  # train or grid
+    state: str = "queued"  # queued, running, done, stopped, failed
+    phase: str = ""
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    saved_files: list[str] = field(default_factory=list)
+    error: str = ""
+    grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
+    model_restored: bool | None = None  # None until checked
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Folders:
+    lora_dir: Path  # the WebUI's Lora folder (--lora-dir); each project writes into a subfolder
+    projects_dir: Path  # where uploaded pictures are kept
+    data_dir: Path  # the WebUI's data folder
+    exposed: bool  # --listen/--share without --enable-insecure-extension-access
+
+
+class TrainingJobs:
+    """The one running (or last) training job of this WebUI process."""
+
+    def __init__(self, webui: WebUI, folders: Folders, verify_restore: bool = True):
+        self.webui = webui
+        self.folders = folders
+        self.verify_restore = verify_restore
+        self.current: JobStatus | None = None
+        self._stop = threading.Event()
+        self._guard = threading.Lock()
+
+    # -- preparing ------------------------------------------------------------------------------
+
+    def prepare(self, values: dict) -> TrainConfig:
+        """Validate settings from the tab or the API into a config; the output folder is always the project's
+        subfolder of the Lora folder, and server paths are confined when the WebUI is exposed."""
+        values = dict(values)
+        if "output_dir" in values:
+            raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
+        name = check_output_name(str(values.get("name", "")))
+        values["output_dir"] = str(self.folders.lora_dir / name)
+        train_dir = str(values.get("train_dir", "")).strip()
+        if not train_dir:
+            raise ConfigError("Choose the training folder (a folder on this server) or upload pictures.")
+        if self.folders.exposed:
+            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+        values["train_dir"] = train_dir
+        # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
+        values["clip_skip"] = int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1))
+        config = TrainConfig.from_dict(values).validate()
+        self._refuse_alias_clashes(config)
+        return config
+
+    def _refuse_alias_clashes(self, config: TrainConfig) -> None:
+        """The WebUI names a Lora by its file stem across all subfolders: a clash would hide one of them."""
+        networks = self.webui.networks
+        if networks is None:
+            return
+        plan = OutputPlan(Path(config.output_dir), config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
+        for path in plan.all_paths():
+            if path.suffix != ".safetensors":
+                continue
+            existing = networks.available_networks.get(path.stem)
+            if existing is not None and Path(existing.filename).resolve() != path.resolve():
+                raise ConfigError(f"A Lora named '{path.stem}' already exists ({existing.filename}); "
+                                  "choose another project name.")
+
+    # -- running --------------------------------------------------------------------------------
+
+    def begin(self) -> JobStatus:
+        """Claim the single job slot (the caller then runs it under the queue lock)."""
+        with self._guard:
+            if self.current is not None and self.current.state in ("queued", "running"):
+                what = "A preview grid" if self.current.kind == "grid" else "A training"
+                raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
+            self._stop.clear()
+            self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
+            return self.current
+
+    def run(self, job: JobStatus, config: TrainConfig) -> JobStatus:
+        """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
+
+        def work() -> None:
+            host = WebUIHost(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
+                             stop_requested=self._stop.is_set)
+            if host.medvram and config.train_text_encoder:
+                raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+            with host.training_session():
+                before = self._fingerprints() if self.verify_restore else None
+                try:
+                    result = train_lora(host, config)
+                finally:
+                    if before is not None:
+                        self._check_restored(job, before)
+            job.state = "stopped" if result.stopped else "done"
+            job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
+                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.")
+
+        return self._guarded(job, "Train Tools", work)
+
+    def run_grid(self, job: JobStatus, request: GridRequest) -> JobStatus:
+        """Render a preview grid on the live model. The caller holds the queue lock and has begun ``shared.state``."""
+
+        def work() -> None:
+            job.kind = "grid"
+            host = WebUIHost(self.webui, stop_requested=self._stop.is_set)
+            check = check_base_model(self.webui, read_lora_metadata(request.rows[0].path) or {})
+            if not check.matches:
+                hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
+                        " That checkpoint is not in the WebUI's list; the grid would not show what you trained.")
+                raise ConfigError(f"{request.name} was trained on {check.trained_on}, but {check.loaded} is loaded.{hint}")
+            host.unmerge_builtin_lora()  # as the WebUI's next plain txt2img would, so the base is the checkpoint's
+            before = self._fingerprints() if self.verify_restore else None
+            try:
+                result = render_grid(self.webui, host, request, lambda done, total, text: self._track_grid(job, done, total, text),
+                                     host.should_stop)
+            finally:
+                host.clear_conditioning_caches()
+                self.webui.devices.torch_gc()
+                if before is not None:
+                    self._check_restored(job, before)
+            job.grid_folder = str(request.out_dir) if result.grid_path else ""
+            job.saved_files = [str(p) for p in result.cell_paths]
+            job.state = "done" if result.complete else "stopped"
+            job.message = (f"Preview grid: {len(result.cell_paths)} pictures." if result.complete else
+                           f"Stopped: {len(result.cell_paths)} pictures rendered.")
+
+        return self._guarded(job, "Train Tools preview", work)
+
+    def _guarded(self, job: JobStatus, title: str, work: Callable[[], None]) -> JobStatus:
+        job.state = "running"
+        self.webui.shared.state.job = title
+        try:
+            work()
+        except TrainToolsError as error:
+            job.state, job.error = "failed", str(error)
+        except Exception as error:  # out of memory and any other failure: reported, never a dirty WebUI
+            job.state, job.error = "failed", f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        finally:
+            job.finished_at = time.time()
+        if job.model_restored is False:
+            job.error = (job.error + " " if job.error else "") + (
+                "THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this.")
+        return job
+
+    def run_in_background(self, config: TrainConfig) -> JobStatus:
+        """For the HTTP API: train under the queue lock on a thread, registered with the WebUI's progress."""
+        job = self.begin()
+        self._in_background(job, lambda: self.run(job, config))
+        return job
+
+    def render_grid_in_background(self, request: GridRequest) -> JobStatus:
+        job = self.begin()
+        job.kind = "grid"
+        self._in_background(job, lambda: self.run_grid(job, request))
+        return job
+
+    def _in_background(self, job: JobStatus, work: Callable[[], JobStatus]) -> None:
+        progress = self.webui.progress
+
+        def locked() -> None:
+            progress.add_task_to_queue(job.id)
+            with self.webui.call_queue.queue_lock:
+                self.webui.shared.state.begin(job=job.id)
+                progress.start_task(job.id)
+                try:
+                    work()
+                finally:
+                    progress.finish_task(job.id)
+                    self.webui.shared.state.end()
+
+        threading.Thread(target=locked, name="train-tools", daemon=True).start()
+
+    # -- preview grid ---------------------------------------------------------------------------
+
+    def prepare_grid(self, values: dict) -> GridRequest:
+        """A grid request from the tab or the API: numbers may come as text ("0.4, 0.6, 1")."""
+        name = check_output_name(str(values.get("name", "")))
+        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": values.get("third_axis") or None}
+        for key, convert in (("negative_prompt", str), ("sampler", str), ("steps", int), ("cfg_scale", float),
+                             ("width", int), ("height", int)):
+            if key in values:
+                given[key] = convert(values[key])
+        for key, label, integers in (("seeds", "seeds", True), ("weights", "weights", False),
+                                     ("cfg_values", "CFG scales", False), ("epochs", "epochs", True)):
+            value = values.get(key)
+            if isinstance(value, str):
+                value = parse_number_list(value, label, integers) if value.strip() else []
+            if value is not None:
+                given[key] = list(value)
+        given["epochs"] = given.get("epochs") or None  # none given: every epoch file
+        spec = GridSpec(**given).validate()  # what is not given keeps GridSpec's defaults
+        rows = spec.select_epochs(epoch_files(self.folders.lora_dir / name, name))
+        grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
+        return GridRequest(name, spec, rows, new_grid_folder(grids))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.current is not None and self.current.state in ("queued", "running"):
+            self.webui.shared.state.interrupt()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _track(self, job: JobStatus, progress: Progress) -> None:
+        job.phase = progress.phase
+        job.message = progress.message or job.message
+        job.step, job.total_steps = progress.step, progress.total_steps
+        job.epoch, job.total_epochs = progress.epoch or job.epoch, progress.total_epochs or job.total_epochs
+        if progress.phase == "training" and progress.loss is not None:
+            job.loss_history.append((progress.step, progress.loss))
+        if progress.phase == "saved":
+            job.saved_files.extend(progress.saved_files)
+
+    def pick(self, name: str, grid_folder: str | Path, x: float, y: float) -> PickedCell | None:
+        """The cell under a click on one of this project's grids (no other folder is read)."""
+        grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
+        folder = Path(grid_folder).resolve()
+        if folder.parent != grids or not folder.is_dir():
+            raise ConfigError(f"{grid_folder} is not one of the preview grids of {name}.")
+        return cell_at(folder, x, y)
+
+    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
+        """Make a grid cell's epoch the LoRA's file, preview and preferred weight, then un-merge the built-in
+        Lora's weights: it re-merges only when a prompt's (name, weight) changes, so a `<lora:name:w>` used
+        before would keep the replaced file's weights merged."""
+        name = check_output_name(name)
+        folder = self.folders.lora_dir / name
+        epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
+        if epoch is None:
+            raise ConfigError(f"{file} is not a saved file of {name} any more.")
+        with Image.open(picture) as cell:
+            result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
+        with self.webui.call_queue.queue_lock:
+            WebUIHost(self.webui).unmerge_builtin_lora()
+        if self.webui.networks is not None:
+            self.webui.networks.list_available_networks()
+        return result
+
+    def _track_grid(self, job: JobStatus, done: int, total: int, text: str) -> None:
+        state = self.webui.shared.state
+        state.job_count, state.job_no, state.textinfo = total, done, f"Preview grid: {text}"
+        job.phase, job.step, job.total_steps, job.message = "rendering", done, total, text
+
+    def _fingerprints(self) -> dict[str, str]:
+        model = self.webui.shared.sd_model
+        return {"unet": fingerprint(model.model.diffusion_model),
+                "text encoder": fingerprint(model.cond_stage_model),
+                "vae": fingerprint(model.first_stage_model)}
+
+    def _check_restored(self, job: JobStatus, before: dict[str, str]) -> None:
+        after = self._fingerprints()
+        changed = [part for part in before if before[part] != after[part]]
+        job.model_restored = not changed
+        if changed:
+            print(f"[Train Tools] the live model's {', '.join(changed)} changed during training!")

@@ -1,0 +1,18 @@
+"""Which server folders a request may name when the WebUI is exposed to other machines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..common.errors import ConfigError
+
+
+def confine(path: str | Path, allowed_roots: list[Path], what: str) -> Path:
+    """The resolved path, if it lies inside one of ``allowed_roots`` (links resolved, so no escape by symlink)."""
+    resolved = Path(path).expanduser().resolve()
+    for root in allowed_roots:
+        if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
+            return resolved
+    roots = ", ".join(str(r) for r in allowed_roots)
+    raise ConfigError(f"The {what} {path} is outside the folders this WebUI allows when it is shared on the network "
+                      f"({roots}). Put the pictures there, or start the WebUI with --enable-insecure-extension-access.")
