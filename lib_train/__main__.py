@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .engine.config import TrainConfig
 from .common.errors import TrainToolsError
-from .hosts.protocol import BaseModelInfo, Progress
-from .hosts.standalone import StandaloneHost
-from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
-from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
+from .engine.config import TrainConfig
 from .engine.train import train_lora
+from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
+from .hosts.protocol import BaseModelInfo, Progress
+from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
+from .hosts.standalone import StandaloneHost
 
 
 def main(argv: list[str] | None = None) -> int:

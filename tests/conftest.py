@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib_train.engine.config import TrainConfig  # noqa: E402
-from lib_train.hosts.standalone import StandaloneHost  # noqa: E402
 from lib_train.hosts.sd1 import build_tiny_sd1  # noqa: E402
+from lib_train.hosts.standalone import StandaloneHost  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_train.tagging.caption_editing import MAX_UNDO_STEPS, CaptionSet
 from lib_train.common.errors import DatasetError
 from lib_train.dataset.project_folders import ProjectFolders
+from lib_train.tagging.caption_editing import MAX_UNDO_STEPS, CaptionSet
 
 CAPTIONS = {
     "a": "ttchar, blue eyes, smile, school uniform",

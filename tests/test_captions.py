@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_train.dataset.captions import find_caption, process_caption, read_caption, split_tags
 from lib_train.common.errors import DatasetError
+from lib_train.dataset.captions import find_caption, process_caption, read_caption, split_tags
 
 
 def write(path: Path, data: bytes) -> Path:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_train.hosts.attention import sdpa_attention
 from lib_train.common.errors import CheckpointError
+from lib_train.hosts.attention import sdpa_attention
 from lib_train.hosts.sd1 import TINY_TEXT, TINY_UNET, TINY_VAE, build_tiny_sd1, load_sd1_checkpoint
 
 TINY = dict(unet_config=TINY_UNET, vae_config=TINY_VAE, text_config=TINY_TEXT)

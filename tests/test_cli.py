@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lib_train.engine.config import TrainConfig
 from lib_train.common.errors import ConfigError
+from lib_train.engine.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

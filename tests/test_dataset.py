@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from lib_train.common.errors import DatasetError
 from lib_train.dataset.buckets import resize_to_bucket
-from lib_train.engine.config import TrainConfig
 from lib_train.dataset.training_data import (
     IMAGE_EXTENSIONS,
     ImageRecord,
@@ -17,7 +17,7 @@ from lib_train.dataset.training_data import (
     pixels_to_tensor,
     scan_training_folder,
 )
-from lib_train.common.errors import DatasetError
+from lib_train.engine.config import TrainConfig
 
 
 def encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -320,9 +320,9 @@ def test_buckets_and_sizes(dataset_dir):
     assert data.num_batches_per_epoch == 7
 
 
-def test_from_config_uses_the_config_values(dataset_dir):
+def test_training_data_uses_the_config_values(dataset_dir):
     config = TrainConfig(resolution=128, min_bucket_reso=64, max_bucket_reso=256, batch_size=3)
-    data = TrainingData.from_config(scan_training_folder(dataset_dir, 1), config)
+    data = config.training_data(scan_training_folder(dataset_dir, 1))
     assert data.batch_size == 3 and data.seed == config.seed
     assert data.bucket_resolutions == [(64, 192), (64, 256), (128, 128), (192, 64), (256, 64)]
 

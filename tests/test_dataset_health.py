@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from lib_train.hosts.clip_tokenizer import clip_tokenizer
-from lib_train.dataset.health import NEAR_DUPLICATE_BITS, check_dataset, perceptual_hash
 from lib_train.common.errors import ConfigError, DatasetError
+from lib_train.dataset.health import NEAR_DUPLICATE_BITS, check_dataset, perceptual_hash
+from lib_train.hosts.clip_tokenizer import clip_tokenizer
 
 
 def photo(seed: int, size: tuple[int, int] = (192, 160)) -> Image.Image:

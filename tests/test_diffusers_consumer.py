@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_train.hosts.sd1 import TINY_TEXT, TINY_UNET
 from lib_train.engine.train import train_lora
+from lib_train.hosts.sd1 import TINY_TEXT, TINY_UNET
 
 from .conftest import make_concept_images, tiny_config
 

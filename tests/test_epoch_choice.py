@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lib_train.preview.epoch_choice import choose_epoch
 from lib_train.common.errors import OutputError
-from lib_train.preview.grid_spec import epoch_files, read_lora_metadata
 from lib_train.engine.save import precalculated_hashes
+from lib_train.preview.epoch_choice import choose_epoch
+from lib_train.preview.grid_spec import epoch_files, read_lora_metadata
 
 from .test_grid_spec import lora_state, write_run
 

@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
-from lib_train.tagging.caption_editing import CaptionSet
 from lib_train.common.errors import ConfigError
+from lib_train.tagging.caption_editing import CaptionSet
 from lib_train.tagging.feature_tags import Proposal, feature_kind, propose_feature_tags
 
 # A made-up dataset of 10 images: (tag, images having it).

@@ -10,8 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_train.dataset.training_data import TrainingData, scan_training_folder
 from lib_train.common.errors import ConfigError
+from lib_train.dataset.training_data import scan_training_folder
+from lib_train.engine.metadata import RunFacts, lora_metadata, sidecar
+from lib_train.engine.save import OutputPlan, write_lora, write_sidecar
+from lib_train.hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
 from lib_train.preview.grid_spec import (
     MAX_CELLS,
     GridSpec,
@@ -20,9 +23,6 @@ from lib_train.preview.grid_spec import (
     parse_number_list,
     read_lora_metadata,
 )
-from lib_train.hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
-from lib_train.engine.metadata import RunFacts, lora_metadata, sidecar
-from lib_train.engine.save import OutputPlan, write_lora, write_sidecar
 
 from .conftest import make_concept_images, tiny_config
 
@@ -117,7 +117,7 @@ def test_default_prompt_is_trigger_then_most_frequent_caption_tags(tmp_path):
     (folder / "img_00.txt").write_text("ttconcept, red circle, hat (object), smile", encoding="utf-8")
     (folder / "img_01.txt").write_text("ttconcept, red circle, hat (object)", encoding="utf-8")
     config = tiny_config(tmp_path / "pictures", tmp_path / "out")
-    frequency = TrainingData.from_config(scan_training_folder(tmp_path / "pictures", 1), config).tag_frequency()
+    frequency = config.training_data(scan_training_folder(tmp_path / "pictures", 1)).tag_frequency()
 
     # Through a saved file, as the tab will read it back from the LoRA.
     write_run(tmp_path / "lora", "hero", epochs=1, tag_frequency=frequency)

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from lib_train.common.errors import ConfigError
-from lib_train.dataset.captions import escape_caption, literal_caption
-from lib_train.webui.host import WebUIHost
 from lib_train.engine.model_guard import fingerprint, hook_count
+from lib_train.hosts.prompt_syntax import escape_caption, literal_caption
+from lib_train.webui.host import WebUIHost
 from lib_train.webui.jobs import Folders, TrainingJobs
 
 from .conftest import make_concept_images

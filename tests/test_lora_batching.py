@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_train.preview.lora_batching import per_sample_unet_weights, text_encoder_weight
 from lib_train.engine.model_guard import fingerprint, hook_count
 from lib_train.engine.network import LoRANetwork
 from lib_train.engine.train import train_lora
+from lib_train.preview.lora_batching import per_sample_unet_weights, text_encoder_weight
 from tests.conftest import make_concept_images, tiny_config
 
 WEIGHTS = [0.0, 0.5, 1.0]

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lib_train.common.errors import OutputError
-from lib_train.engine.save import OutputPlan, check_output_name, precalculated_hashes, write_atomically
+from lib_train.common.files import check_output_name, write_atomically
+from lib_train.engine.save import OutputPlan, precalculated_hashes
 from lib_train.engine.train import train_lora
 
 from .conftest import make_concept_images, tiny_config

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from lib_train.dataset.captions import read_caption
 from lib_train.common.errors import ConfigError
+from lib_train.dataset.captions import read_caption
+from lib_train.tagging.auto_tag import TagOptions, tag_pictures
 from lib_train.tagging.wd14 import WD14Tagger
 from lib_train.webui.taggers import blip_captioner, deepbooru_tagger, wd14_extension_interrogators, wd14_extension_tagger
-from lib_train.tagging.auto_tag import TagOptions, tag_pictures
 from tests.tiny_wd14 import write_tiny_wd14
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

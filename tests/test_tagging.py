@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_train.dataset.captions import read_caption
 from lib_train.common.errors import ConfigError
+from lib_train.dataset.captions import read_caption
 from lib_train.dataset.project_folders import ProjectFolders
-from lib_train.tagging.wd14 import WD14Tagger
 from lib_train.tagging.auto_tag import TagOptions, merge_tags, tag_pictures
+from lib_train.tagging.wd14 import WD14Tagger
 from tests.tiny_wd14 import write_tiny_wd14
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

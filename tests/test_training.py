@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_train.engine.config import TrainConfig
-from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
-from lib_train.engine.loss import add_noise, diffusion_loss
 from lib_train.common.errors import ConfigError, TrainingDiverged
-from lib_train.hosts.standalone import StandaloneHost
+from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
+from lib_train.engine.config import TrainConfig
+from lib_train.engine.loss import add_noise, diffusion_loss
 from lib_train.engine.model_guard import fingerprint, hook_count
-from lib_train.hosts.sd1 import build_tiny_sd1
 from lib_train.engine.network import LoRANetwork
 from lib_train.engine.train import train_lora
+from lib_train.hosts.sd1 import build_tiny_sd1
+from lib_train.hosts.standalone import StandaloneHost
 
 from .conftest import make_concept_images, tiny_config
 

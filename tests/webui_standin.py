@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lib_train.hosts.clip_tokenizer import clip_tokenizer
-from lib_train.webui.host import WebUI
 from lib_train.hosts.sd1 import VAE_SCALE_FACTOR, build_tiny_sd1, sd1_alphas_cumprod
+from lib_train.webui.host import WebUI
 
 
 class State:

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .captions import CAPTION_EXTENSIONS, find_caption, read_caption
-from ..hosts.clip_tokenizer import clip_tokenizer
-from .training_data import REPEATS_PREFIX, images_in, load_rgb  # the training folder's own rules
 from ..common.errors import ConfigError, DatasetError, TrainToolsError
+from ..hosts.clip_tokenizer import clip_tokenizer
+from .captions import CAPTION_EXTENSIONS, find_caption, read_caption
+from .training_data import REPEATS_PREFIX, images_in, load_rgb  # the training folder's own rules
 
 MAX_ASPECT_RATIO = 3.0
 CLIP_CHUNK_TOKENS = 75

@@ -30,8 +30,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from .captions import CAPTION_EXTENSIONS, read_caption
 from ..common.errors import ConfigError, DatasetError
+from .captions import CAPTION_EXTENSIONS, read_caption
 from .image_clean import (
     DEFAULT_PIXEL_LIMIT,
     WHITE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.save import check_output_name
+from ..common.files import check_output_name
 
 
 @dataclass(frozen=True)

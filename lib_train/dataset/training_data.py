@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..common.errors import DatasetError
 from .buckets import (
     BucketChoice,
     Size,
@@ -25,8 +26,6 @@ from .buckets import (
     resize_to_bucket,
 )
 from .captions import find_caption, process_caption, read_caption, split_tags
-from ..engine.config import TrainConfig
-from ..common.errors import DatasetError
 from .image_clean import open_clean
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
@@ -206,24 +205,6 @@ class TrainingData:
 
         self._latents: list[torch.Tensor] | None = None
         self._flipped_latents: list[torch.Tensor] | None = None
-
-    @classmethod
-    def from_config(cls, records: Sequence[ImageRecord], config: TrainConfig) -> TrainingData:
-        return cls(
-            records,
-            resolution=config.resolution,
-            enable_buckets=config.enable_buckets,
-            min_bucket_reso=config.min_bucket_reso,
-            max_bucket_reso=config.max_bucket_reso,
-            bucket_reso_steps=config.bucket_reso_steps,
-            bucket_no_upscale=config.bucket_no_upscale,
-            flip_aug=config.flip_aug,
-            batch_size=config.batch_size,
-            shuffle_caption=config.shuffle_caption,
-            keep_tokens=config.keep_tokens,
-            caption_dropout_rate=config.caption_dropout_rate,
-            seed=config.seed,
-        )
 
     def _choose_no_upscale_buckets(self, resolution: int, step: int) -> list[BucketChoice]:
         choices = [choose_no_upscale_bucket(r.size, resolution, step) for r in self.records]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..dataset.training_data import ImageRecord, TrainingData
 
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
@@ -123,6 +125,24 @@ class TrainConfig:
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
         return self
+
+    def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
+        """The records in this run's buckets, batches, caption handling and seed."""
+        return TrainingData(
+            records,
+            resolution=self.resolution,
+            enable_buckets=self.enable_buckets,
+            min_bucket_reso=self.min_bucket_reso,
+            max_bucket_reso=self.max_bucket_reso,
+            bucket_reso_steps=self.bucket_reso_steps,
+            bucket_no_upscale=self.bucket_no_upscale,
+            flip_aug=self.flip_aug,
+            batch_size=self.batch_size,
+            shuffle_caption=self.shuffle_caption,
+            keep_tokens=self.keep_tokens,
+            caption_dropout_rate=self.caption_dropout_rate,
+            seed=self.seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

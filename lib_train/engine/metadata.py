@@ -7,8 +7,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from .config import TrainConfig
 from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
+from .config import TrainConfig
 from .optim import describe_optimizer
 
 _BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}

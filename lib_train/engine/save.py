@@ -1,11 +1,9 @@
-"""Writing LoRA files: names, atomic no-clobber writes, kohya metadata and hashes, WebUI sidecar."""
+"""Writing LoRA files: the run's output plan, kohya hashes, the WebUI sidecar (atomic no-clobber writes)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,24 +12,9 @@ import torch
 from safetensors.torch import save as serialize
 
 from ..common.errors import OutputError
+from ..common.files import check_output_name, write_atomically
 
-_FORBIDDEN_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def check_output_name(name: str) -> str:
-    """A LoRA name becomes a file name and the alias in ``<lora:NAME:1>``: any script is fine (中文),
-    path parts and the characters Windows or the prompt syntax reserve are not."""
-    cleaned = name.strip()
-    if not cleaned:
-        raise OutputError("Give the LoRA a name.")
-    if cleaned in (".", "..") or ".." in cleaned.split("/") or _FORBIDDEN_NAME.search(cleaned):
-        raise OutputError(f"The name {name!r} cannot be used: it must not contain / \\ : * ? \" < > | or '..'.")
-    if cleaned.startswith(".") or cleaned.endswith("."):
-        raise OutputError(f"The name {name!r} cannot start or end with a dot.")
-    if len(cleaned.encode("utf-8")) > 200:
-        raise OutputError("The name is too long (at most 200 bytes).")
-    return cleaned
 
 
 @dataclass(frozen=True)
@@ -95,28 +78,3 @@ def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, s
 def write_sidecar(path: Path, values: dict, overwrite: bool) -> None:
     text = json.dumps(values, ensure_ascii=False, indent=4) + "\n"
     write_atomically(path, text.encode("utf-8"), overwrite)
-
-
-def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
-    """Nobody ever sees a half-written file: the WebUI lists ``*.safetensors`` and the temporary
-    name does not end so. Without ``overwrite`` an existing file is never replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-            return
-        try:
-            os.link(temporary, path)  # atomic and fails if the name exists
-        except FileExistsError:
-            raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
-            os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

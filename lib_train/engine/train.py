@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from ..dataset.training_data import TrainingData, scan_training_folder
-from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
 from ..common.errors import ConfigError, TrainingDiverged
+from ..dataset.training_data import TrainingData, scan_training_folder
 from ..hosts.protocol import Progress, TrainingHost
+from .config import TrainConfig
+from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
 from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
 from .network import LoRANetwork
@@ -46,7 +46,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     amp_dtype = _autocast_dtype(config, host)
 
     records = scan_training_folder(config.train_dir, config.repeats)
-    data = TrainingData.from_config(records, config)
+    data = config.training_data(records)
     steps_per_epoch = math.ceil(data.num_batches_per_epoch / config.gradient_accumulation_steps)
     result = TrainResult(total_steps=steps_per_epoch * config.epochs)
     facts = RunFacts(

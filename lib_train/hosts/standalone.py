@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .attention import sdpa_attention
-from ..dataset.captions import literal_caption
 from .clip_tokenizer import clip_tokenizer
+from .prompt_syntax import literal_caption
 from .protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
 from .sd1 import VAE_SCALE_FACTOR, SD1Model, sd1_alphas_cumprod
 

@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..common.errors import OutputError
+from ..common.files import check_output_name, write_atomically
+from ..engine.save import write_lora, write_sidecar
 from .grid_spec import WEIGHT_RANGE, EpochFile, epoch_files, epoch_suffix_pattern, read_lora_metadata
-from ..engine.save import check_output_name, write_atomically, write_lora, write_sidecar
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..common.errors import ConfigError
-from ..dataset.captions import escape_caption
+from ..hosts.prompt_syntax import escape_caption
 
 MAX_CELLS = 100  # about 3-5 minutes of SD1.5 at 512 px on a mid-range GPU; more is rarely looked at
 WEIGHT_RANGE = (-2.0, 3.0)  # beyond this a LoRA only produces noise; negative weights are used on purpose

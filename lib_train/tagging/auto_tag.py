@@ -12,10 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..common.errors import ConfigError, TrainToolsError
+from ..common.files import write_atomically
 from ..dataset.captions import find_caption, read_caption, split_tags
 from ..dataset.training_data import load_rgb, pictures_in  # the training folder's own rule for what counts as an image
-from ..common.errors import ConfigError, TrainToolsError
-from ..engine.save import write_atomically
 
 MODES = ("append", "prepend", "overwrite")
 

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dataset.captions import find_caption, read_caption, split_tags
-from ..dataset.training_data import pictures_in  # the training folder's own rule for what counts as an image
 from ..common.errors import DatasetError
+from ..common.files import write_atomically
+from ..dataset.captions import find_caption, read_caption, split_tags
 from ..dataset.project_folders import ProjectFolders
-from ..engine.save import write_atomically
+from ..dataset.training_data import pictures_in  # the training folder's own rule for what counts as an image
 
 MAX_UNDO_STEPS = 50
 

@@ -22,8 +22,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..dataset.captions import split_tags
 from ..common.errors import ConfigError
+from ..dataset.captions import split_tags
 
 _SHADE = r"(?:(?:light|dark|pale|bright|deep|platinum|ash|strawberry|dirty) )?"
 _COLOUR = (r"(?:aqua|black|blonde|blond|blue|brown|green|grey|gray|orange|pink|purple|red|silver|white|yellow"

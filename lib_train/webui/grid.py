@@ -13,12 +13,12 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..preview.grid_image import GridLayout, compose_grid, label_font_size
-from .grid_render import RenderSettings, WebUIGridRenderer, ZValue
-from ..preview.grid_spec import EpochFile, GridSpec
-from .host import WebUI, WebUIHost
+from ..common.files import write_atomically
 from ..engine.network import LoRANetwork
-from ..engine.save import write_atomically
+from ..preview.grid_image import GridLayout, compose_grid, label_font_size
+from ..preview.grid_spec import EpochFile, GridSpec
+from .grid_render import RenderSettings, WebUIGridRenderer, ZValue
+from .host import WebUI, WebUIHost
 
 INDEX_NAME = "grid.json"
 

@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..common.errors import ConfigError
-from .host import WebUI
-from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
 from ..engine.network import LoRANetwork
+from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
+from .host import WebUI
 
 
 @dataclass(frozen=True)

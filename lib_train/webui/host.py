@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..dataset.captions import escape_caption
 from ..common.errors import ConfigError
+from ..hosts.prompt_syntax import escape_caption
 from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
 
 TRAINING_ATTENTION = "sdp - scaled dot product"

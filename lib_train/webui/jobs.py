@@ -11,21 +11,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..engine.config import TrainConfig
 from PIL import Image
 
-from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..common.errors import ConfigError, TrainToolsError
-from .grid_render import check_base_model
-from ..preview.grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
-from ..hosts.protocol import Progress
-from .host import WebUI, WebUIHost
-from ..engine.model_guard import fingerprint
-from .path_policy import confine
+from ..common.files import check_output_name
 from ..dataset.project_folders import ProjectFolders
-from ..engine.save import OutputPlan, check_output_name
+from ..engine.config import TrainConfig
+from ..engine.model_guard import fingerprint
+from ..engine.save import OutputPlan
 from ..engine.train import train_lora
+from ..hosts.protocol import Progress
+from ..preview.epoch_choice import ChoiceResult, choose_epoch
+from ..preview.grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
+from .grid_render import check_base_model
+from .host import WebUI, WebUIHost
+from .path_policy import confine
 
 
 @dataclass

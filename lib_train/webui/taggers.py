@@ -14,10 +14,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..dataset.captions import split_tags
 from ..common.errors import ConfigError
-from ..tagging.wd14 import CHARACTER_CATEGORY, pick_tags
+from ..dataset.captions import split_tags
 from ..tagging.auto_tag import ImageTagger
+from ..tagging.wd14 import CHARACTER_CATEGORY, pick_tags
 
 # The module where the wd14-tagger extension (picobyte's fork) keeps its interrogators by name.
 WD14_EXTENSION_MODULE = "tagger.utils"

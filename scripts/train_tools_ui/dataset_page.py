@@ -22,21 +22,21 @@ from PIL import Image, ImageDraw
 
 from modules import call_queue, deepbooru, devices, paths, shared
 
-from lib_train.tagging.caption_editing import CaptionSet, EditSummary
-from lib_train.engine.config import TrainConfig
-from lib_train.dataset.training_data import pictures_in
-from lib_train.dataset.health import check_dataset
 from lib_train.common.errors import ConfigError, DatasetError, TrainToolsError
-from lib_train.tagging.feature_tags import propose_feature_tags
+from lib_train.dataset.health import check_dataset
 from lib_train.dataset.image_clean import open_clean
 from lib_train.dataset.image_import import ImportReport, PrepareOptions, clean_in_project, import_pictures, original_of
-from lib_train.webui.path_policy import confine
 from lib_train.dataset.project_folders import ProjectFolders
-from lib_train.tagging.wd14 import (WD14Tagger, available_models, download_model, execution_providers,
-                                   import_onnxruntime, onnxruntime_package)
-from lib_train.webui.taggers import (blip_captioner, deepbooru_tagger, wd14_extension_interrogators,
-                                    wd14_extension_tagger)
+from lib_train.dataset.training_data import pictures_in
+from lib_train.engine.config import TrainConfig
 from lib_train.tagging.auto_tag import MODES, TagOptions, tag_pictures
+from lib_train.tagging.caption_editing import CaptionSet, EditSummary
+from lib_train.tagging.feature_tags import propose_feature_tags
+from lib_train.tagging.wd14 import (WD14Tagger, available_models, download_model, execution_providers,
+                                  import_onnxruntime, onnxruntime_package)
+from lib_train.webui.path_policy import confine
+from lib_train.webui.taggers import (blip_captioner, deepbooru_tagger, wd14_extension_interrogators,
+                                     wd14_extension_tagger)
 
 from .webui_context import jobs
 

@@ -11,8 +11,8 @@ import gradio as gr
 from modules import call_queue, sd_samplers, shared
 
 from lib_train.common.errors import TrainToolsError
-from lib_train.webui.grid_render import check_base_model
 from lib_train.preview.grid_spec import default_prompt, epoch_files, read_lora_metadata
+from lib_train.webui.grid_render import check_base_model
 
 from .webui_context import jobs
 

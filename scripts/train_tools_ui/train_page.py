@@ -12,9 +12,9 @@ import gradio as gr
 
 from modules import call_queue, sd_models, shared
 
-from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
-from lib_train.dataset.training_data import IMAGE_EXTENSIONS
 from lib_train.common.errors import TrainToolsError
+from lib_train.dataset.training_data import IMAGE_EXTENSIONS
+from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
 
 from .webui_context import jobs
 

@@ -1,0 +1,52 @@
+"""Names and writes for files the user will see: a name that is safe as a file and a prompt alias, and
+writes that are never seen half done and never replace a file unasked."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import OutputError
+
+_FORBIDDEN_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+def check_output_name(name: str) -> str:
+    """A LoRA name becomes a file name and the alias in ``<lora:NAME:1>``: any script is fine (中文),
+    path parts and the characters Windows or the prompt syntax reserve are not."""
+    cleaned = name.strip()
+    if not cleaned:
+        raise OutputError("Give the LoRA a name.")
+    if cleaned in (".", "..") or ".." in cleaned.split("/") or _FORBIDDEN_NAME.search(cleaned):
+        raise OutputError(f"The name {name!r} cannot be used: it must not contain / \\ : * ? \" < > | or '..'.")
+    if cleaned.startswith(".") or cleaned.endswith("."):
+        raise OutputError(f"The name {name!r} cannot start or end with a dot.")
+    if len(cleaned.encode("utf-8")) > 200:
+        raise OutputError("The name is too long (at most 200 bytes).")
+    return cleaned
+
+
+def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
+    """Nobody ever sees a half-written file: the WebUI lists ``*.safetensors`` and the temporary
+    name does not end so. Without ``overwrite`` an existing file is never replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+            return
+        try:
+            os.link(temporary, path)  # atomic and fails if the name exists
+        except FileExistsError:
+            raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
+        except OSError:  # file systems without hard links
+            if path.exists():
+                raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
