@@ -195,6 +195,17 @@ def test_bad_grid_settings_are_refused_before_rendering(trained):
         jobs.prepare_grid(grid_values(name="nothing-here"))
 
 
+def test_grid_settings_take_the_values_the_tab_shows(trained):
+    """The API accepts what the tab sends: epochs "all" (its default) or empty, third axis "none"."""
+    webui, jobs, root = trained
+    every = [row.epoch for row in jobs.prepare_grid(grid_values(epochs=[1, 2])).rows]
+    for epochs in ("all", " All ", ""):
+        request = jobs.prepare_grid(grid_values(epochs=epochs, third_axis="none"))
+        assert [row.epoch for row in request.rows] == every == [1, 2]
+        assert request.spec.third_axis is None and request.spec.epochs is None
+    assert [row.epoch for row in jobs.prepare_grid(grid_values(epochs="2")).rows] == [2]
+
+
 def test_background_grid_holds_the_queue_lock(trained):
     webui, jobs, root = trained
     request = jobs.prepare_grid(grid_values(weights="1"))

@@ -136,10 +136,26 @@ def test_nan_loss_stops_with_a_clear_message(tiny_host, tmp_path, monkeypatch):
     before = full_fingerprint(tiny_host)
     real_predict = tiny_host.predict
     monkeypatch.setattr(tiny_host, "predict", lambda *a: real_predict(*a) * float("nan"))
-    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1") as raised:
         train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out"))
+    # The advice fits the run: this one was fp32, so no word of fp16.
+    assert "already in full precision (fp32): lower the learning rate" in str(raised.value)
+    assert "fp16" not in str(raised.value) and "bf16" not in str(raised.value)
+    with pytest.raises(TrainingDiverged, match="choose no mixed precision") as raised:
+        train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", mixed_precision="bf16"))
+    assert "fp16" not in str(raised.value)
     monkeypatch.undo()
     assert full_fingerprint(tiny_host) == before and hook_count(tiny_host.model) == 0
+
+
+@pytest.mark.parametrize("mixed_precision, expected", [
+    ("fp16", "choose bf16 or no mixed precision: fp16 overflows"),  # fp16 autocast (CUDA only)
+    ("no", "The loaded model runs in fp16"),  # no autocast asked, but the WebUI holds fp16 weights
+])
+def test_nan_advice_on_fp16_runs(tmp_path, mixed_precision, expected):
+    from lib_train.engine.train import _divergence_advice
+    config = tiny_config(tmp_path, tmp_path, mixed_precision=mixed_precision)
+    assert expected in _divergence_advice(config, torch.float16)
 
 
 def test_unet_only_training_leaves_text_encoder_untrained(tiny_host, tmp_path):

@@ -105,7 +105,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(
                             f"The loss became {loss_value} at step {result.steps + 1} (epoch {epoch}); training stopped. "
-                            "Lower the learning rate or use bf16/fp32 instead of fp16. Files saved before are kept.")
+                            f"{_divergence_advice(config, amp_dtype)} Files saved before are kept.")
                     loss = loss / config.gradient_accumulation_steps
                     (scaler.scale(loss) if scaler else loss).backward()
                     step_loss += loss_value / config.gradient_accumulation_steps
@@ -151,6 +151,18 @@ def _autocast_dtype(config: TrainConfig, host: TrainingHost) -> torch.dtype | No
     if requested is None and host.dtype != torch.float32:
         return host.dtype  # half-precision weights (the WebUI on a GPU) only run under autocast
     return requested
+
+
+def _divergence_advice(config: TrainConfig, amp_dtype: torch.dtype | None) -> str:
+    """What can help, for the precision this run computed in."""
+    if amp_dtype is torch.float16:
+        if config.mixed_precision == "fp16":
+            return "Lower the learning rate, or choose bf16 or no mixed precision: fp16 overflows easily."
+        return ("The loaded model runs in fp16 (the WebUI's half precision): lower the learning rate, or choose "
+                "bf16 mixed precision if the GPU has it.")
+    if amp_dtype is torch.bfloat16:
+        return "Lower the learning rate, or choose no mixed precision (fp32)."
+    return "The run was already in full precision (fp32): lower the learning rate."
 
 
 def _grad_scaler():

@@ -217,9 +217,13 @@ class TrainingJobs:
     # -- preview grid ---------------------------------------------------------------------------
 
     def prepare_grid(self, values: dict) -> GridRequest:
-        """A grid request from the tab or the API: numbers may come as text ("0.4, 0.6, 1")."""
+        """A grid request from the tab or the API, which send the same values: numbers may come as text
+        ("0.4, 0.6, 1"), epochs as "all" (or nothing) for every epoch file, the third axis as "none"."""
         name = check_output_name(str(values.get("name", "")))
-        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": values.get("third_axis") or None}
+        third_axis = values.get("third_axis") or None
+        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": None if third_axis == "none" else third_axis}
+        if isinstance(values.get("epochs"), str) and values["epochs"].strip().lower() == "all":
+            values = dict(values, epochs="")
         for key, convert in (("negative_prompt", str), ("sampler", str), ("steps", int), ("cfg_scale", float),
                              ("width", int), ("height", int)):
             if key in values:

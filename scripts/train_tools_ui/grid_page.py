@@ -25,11 +25,7 @@ def _message(text: str, error: bool = False) -> str:
 
 
 def _values(name: str, values: tuple) -> dict:
-    settings = dict(zip(GRID_KEYS, values), name=name)
-    settings["third_axis"] = None if settings["third_axis"] == "none" else settings["third_axis"]
-    if str(settings["epochs"]).strip().lower() in ("", "all"):
-        settings["epochs"] = ""
-    return settings
+    return dict(zip(GRID_KEYS, values), name=name)
 
 
 def _render(id_task: str, name: str, *values):
