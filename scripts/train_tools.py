@@ -57,6 +57,7 @@ def on_ui_tabs():
                 grid_page.build(name, trigger, train["train_event"])
             with dataset_tab:
                 dataset_page.build(name, trigger, train["train_dir"])
+        train_page.wire_project_choice(name, trigger, train["train_dir"])
     return [(tab, "Train Tools", "train_tools")]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -10,6 +12,7 @@ from lib_train.engine.model_guard import fingerprint
 from lib_train.engine.train import train_lora
 
 from .conftest import make_concept_images, tiny_config
+from .test_save import read_metadata
 
 
 def run_expecting(host, tmp_path, error, match, data=None, **overrides):
@@ -41,6 +44,31 @@ def test_corrupt_and_empty_images_are_all_named(tiny_host, tmp_path):
     good = (folder / "img_00.png").read_bytes()
     (folder / "cut.png").write_bytes(good[: len(good) // 2])
     run_expecting(tiny_host, tmp_path, DatasetError, r"(?s)cut\.png.*zero\.png|zero\.png.*cut\.png")
+
+
+def test_unusable_files_can_be_skipped_and_are_left_untouched(tiny_host, tmp_path):
+    folder = make_concept_images(tmp_path / "data" / "2_x", count=3)
+    good = (folder / "img_00.png").read_bytes()
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    (folder / "img_01.txt").write_bytes("红色的圆, 女孩".encode("gbk"))
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    # Refused by default, with the files listed and the way out named.
+    run_expecting(tiny_host, tmp_path, DatasetError, r"(?s)cut\.png.*img_01\.txt.*Skip unusable files.*other 2 picture")
+
+    result = train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", epochs=1, skip_unusable_files=True))
+    assert len(result.skipped_files) == 2
+    assert any("cut.png" in s for s in result.skipped_files) and any("img_01.txt" in s for s in result.skipped_files)
+    meta = read_metadata(result.saved_files[-1])
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_x": {"n_repeats": 2, "img_count": 2}}  # img_00 and img_02
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_skipping_needs_one_usable_picture(tiny_host, tmp_path):
+    folder = tmp_path / "data" / "2_x"
+    folder.mkdir(parents=True)
+    (folder / "zero.png").write_bytes(b"")
+    run_expecting(tiny_host, tmp_path, DatasetError, r"(?s)zero\.png.*No picture of the folder can be used",
+                  skip_unusable_files=True)
 
 
 def test_gbk_caption_is_refused_with_the_file_named(tiny_host, tmp_path):

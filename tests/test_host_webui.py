@@ -181,3 +181,17 @@ def test_failure_inside_training_is_reported_and_restored(live, monkeypatch):
     assert job.state == "failed" and "loss became nan" in job.error
     assert job.model_restored is True and fingerprint(sd_model) == before
     assert "attention:user" in webui.events and not (tmp_path / "models" / "Lora" / "live").exists()
+
+
+def test_api_can_skip_unusable_files(live):
+    """The API's "skip_unusable_files" trains on the other pictures and lists what it left out."""
+    webui, jobs, tmp_path = live
+    (tmp_path / "pictures" / "2_concept" / "zero.png").write_bytes(b"")
+    refused = jobs.run(jobs.begin(), jobs.prepare(settings(tmp_path / "pictures", epochs=1)))
+    assert refused.state == "failed" and "zero.png" in refused.error and "Skip unusable files" in refused.error
+    job = jobs.run_in_background(jobs.prepare(settings(tmp_path / "pictures", epochs=1, skip_unusable_files=True)))
+    wait(job)
+    assert job.state == "done", job.error
+    assert len(job.skipped_files) == 1 and "zero.png" in job.skipped_files[0] and "zero.png" in job.message
+    assert job.to_dict()["skipped_files"] == job.skipped_files and job.model_restored is True
+    assert (tmp_path / "pictures" / "2_concept" / "zero.png").read_bytes() == b""

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lib_train.common.errors import ConfigError
+from lib_train.common.errors import ConfigError, OutputError
 from lib_train.engine.lora_names import text_encoder_targets, unet_targets
 from lib_train.engine.model_guard import fingerprint, hook_count
 from lib_train.webui.jobs import Folders, TrainingJobs
@@ -204,6 +204,21 @@ def test_grid_settings_take_the_values_the_tab_shows(trained):
         assert [row.epoch for row in request.rows] == every == [1, 2]
         assert request.spec.third_axis is None and request.spec.epochs is None
     assert [row.epoch for row in jobs.prepare_grid(grid_values(epochs="2")).rows] == [2]
+
+
+def test_returning_users_see_their_projects(trained):
+    """The name list: Lora subfolders with their own files and project folders, newest first; choosing one
+    brings back its trigger words and pictures folder."""
+    webui, jobs, root = trained
+    (root / "models" / "Lora" / "not-ours").mkdir(parents=True)  # a user's folder without files of its name
+    (root / "models" / "Lora" / "not-ours" / "other.safetensors").write_bytes(b"")
+    make_concept_images(root / "projects" / "newer" / "pictures", count=1)
+    names = jobs.project_names()
+    assert names[0] == "newer" and "gridlora" in names and "not-ours" not in names
+    assert jobs.project_defaults("gridlora") == {"trigger_words": "ttconcept", "train_dir": ""}
+    assert jobs.project_defaults("newer") == {"trigger_words": "", "train_dir": str(root / "projects" / "newer" / "pictures")}
+    with pytest.raises(OutputError):
+        jobs.project_defaults("../escape")
 
 
 def test_background_grid_holds_the_queue_lock(trained):

@@ -67,6 +67,57 @@ def test_hashes_follow_kohya_definition():
     assert precalculated_hashes(state, {"ss_output_name": "other name"})[0] == model_hash
 
 
+# The metadata keys kohya sd-scripts (main @48d368f, the commit docs/lora-format.md cites) writes for an SD1 LoRA
+# of train_network.py with --train_data_dir (no dataset config), a local checkpoint, no --vae, no --no_metadata:
+# its fixed dict, the legacy dataset block, the model keys, the keys set at save, the hashes and modelspec.
+KOHYA_SS_KEYS = {
+    "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_text_encoder_lr",
+    "ss_unet_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images", "ss_num_batches_per_epoch",
+    "ss_num_epochs", "ss_gradient_checkpointing", "ss_gradient_accumulation_steps", "ss_max_train_steps",
+    "ss_lr_warmup_steps", "ss_lr_scheduler", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+    "ss_network_dropout", "ss_mixed_precision", "ss_full_fp16", "ss_v2", "ss_base_model_version", "ss_clip_skip",
+    "ss_max_token_length", "ss_cache_latents", "ss_seed", "ss_lowram", "ss_noise_offset",
+    "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale", "ss_zero_terminal_snr",
+    "ss_training_comment", "ss_sd_scripts_commit_hash", "ss_optimizer", "ss_max_grad_norm", "ss_caption_dropout_rate",
+    "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate", "ss_face_crop_aug_range",
+    "ss_prior_loss_weight", "ss_min_snr_gamma", "ss_scale_weight_norms", "ss_ip_noise_gamma", "ss_debiased_estimation",
+    "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_loss_type", "ss_huber_schedule",
+    "ss_huber_scale", "ss_huber_c", "ss_fp8_base", "ss_fp8_base_unet", "ss_validation_seed", "ss_validation_split",
+    "ss_max_validation_steps", "ss_validate_every_n_epochs", "ss_validate_every_n_steps", "ss_resize_interpolation",
+    # legacy dataset arguments
+    "ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
+    "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency",
+    "ss_bucket_info",
+    # the base model, then what each save sets
+    "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_sd_model_name", "ss_epoch", "ss_training_finished_at", "ss_steps",
+}
+KOHYA_OTHER_KEYS = {
+    "sshs_model_hash", "sshs_legacy_hash",
+    "modelspec.architecture", "modelspec.implementation", "modelspec.title", "modelspec.resolution",
+    "modelspec.sai_model_spec", "modelspec.date", "modelspec.prediction_type", "modelspec.implementation_version",
+}
+
+
+def test_metadata_keys_are_the_reference_trainers(tiny_host, tmp_path):
+    """Exactly kohya's key set; the optional keys only where kohya writes them for the same settings
+    (network args for a conv rank, encoder layer for a clip skip, the trigger phrase as --metadata_trigger_phrase)."""
+    make_concept_images(tmp_path / "data" / "1_subject", count=2)
+    plain = read_metadata(train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "plain", epochs=1,
+                                                            trigger_words="")).saved_files[-1])
+    assert set(plain) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS
+    assert plain["modelspec.sai_model_spec"] == "1.0.1"
+    assert plain["modelspec.implementation_version"].startswith("train-tools/")
+    assert plain["ss_sd_scripts_commit_hash"] == "(unknown)" and plain["ss_training_comment"] == "None"
+    assert plain["ss_huber_c"] == "0.1" and plain["ss_validation_split"] == "0.0" and plain["ss_fp8_base"] == "False"
+
+    full = read_metadata(train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "full", epochs=1, conv_rank=2,
+                                                           clip_skip=2, enable_buckets=True)).saved_files[-1])
+    assert set(full) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS | {
+        "ss_network_args", "modelspec.encoder_layer", "modelspec.trigger_phrase"}
+    assert json.loads(full["ss_bucket_info"])["buckets"] and full["ss_min_bucket_reso"] == "64"
+
+
 def test_saved_file_metadata_and_sidecar(tiny_host, tmp_path):
     make_concept_images(tmp_path / "data" / "3_my subject", count=4)
     config = tiny_config(tmp_path / "data", tmp_path / "out", name="中文角色", epochs=2, conv_rank=2, clip_skip=2,
@@ -80,14 +131,14 @@ def test_saved_file_metadata_and_sidecar(tiny_host, tmp_path):
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0", "dropout": None}
     assert meta["ss_clip_skip"] == "2" and meta["modelspec.encoder_layer"] == "2"
     assert meta["ss_epoch"] == "2" and meta["ss_num_epochs"] == "2"
     assert json.loads(meta["ss_dataset_dirs"]) == {"3_my subject": {"n_repeats": 3, "img_count": 4}}
     frequency = json.loads(meta["ss_tag_frequency"])["3_my subject"]
     assert frequency["ttconcept"] == 4 and frequency["red circle"] == 4
-    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
-    assert [b["resolution"] for b in buckets.values()] == [[64, 64]] and sum(b["count"] for b in buckets.values()) == 12
+    # Buckets off: sd-scripts writes no bucket info and no bucket sizes.
+    assert meta["ss_bucket_info"] == "null" and meta["ss_min_bucket_reso"] == meta["ss_max_bucket_reso"] == "None"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["modelspec.trigger_phrase"] == "ttconcept"
     for key in ("ss_sd_model_name", "ss_training_started_at", "ss_optimizer", "ss_lr_scheduler", "ss_seed",

@@ -66,8 +66,27 @@ def pixels_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
 # Scanning the training folder
 
 
+@dataclass
+class FolderScan:
+    records: list[ImageRecord]
+    unusable: list[str]  # one message per picture that cannot be used (damaged image, undecodable caption)
+
+    def unusable_report(self) -> str:
+        return (f"{len(self.unusable)} file(s) in the training folder cannot be used:\n"
+                + "\n".join(f"- {problem}" for problem in self.unusable))
+
+
 def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRecord]:
-    """Every training image with its caption and repeats, in a deterministic order.
+    """Every training image with its caption and repeats, in a deterministic order; unusable files are an
+    error that lists them all (``survey_training_folder`` returns them instead)."""
+    scan = survey_training_folder(root, default_repeats)
+    if scan.unusable:
+        raise DatasetError(scan.unusable_report())
+    return scan.records
+
+
+def survey_training_folder(root: str | Path, default_repeats: int) -> FolderScan:
+    """The usable training images and the files that cannot be used, nothing modified.
 
     Either `<N>_<name>` subfolders (N repeats each, caption fallback `name`) or images directly in
     `root` (default_repeats, caption fallback ""). Every image is decoded once here, so damaged
@@ -124,11 +143,7 @@ def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRe
                 problems.append(str(error))
                 continue
             records.append(ImageRecord(image_path, caption, repeats, folder.name, size))
-    if problems:
-        raise DatasetError(
-            f"{len(problems)} file(s) in the training folder cannot be used:\n" + "\n".join(f"- {p}" for p in problems)
-        )
-    return records
+    return FolderScan(records, problems)
 
 
 def images_in(folder: Path) -> list[Path]:

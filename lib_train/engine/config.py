@@ -43,6 +43,7 @@ class TrainConfig:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     flip_aug: bool = False
+    skip_unusable_files: bool = False  # train on the other pictures when some cannot be read (listed, untouched)
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0

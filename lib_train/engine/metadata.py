@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
 from .config import TrainConfig
@@ -45,7 +48,8 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_sd_model_name": facts.base_model.name,
         "ss_sd_model_hash": facts.base_model.legacy_hash,
         "ss_new_sd_model_hash": facts.base_model.sha256,
-        "ss_training_comment": config.comment,
+        "ss_training_comment": config.comment or None,
+        "ss_sd_scripts_commit_hash": "(unknown)",  # what sd-scripts writes when it cannot tell; this is not sd-scripts
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.rank,
         "ss_network_alpha": float(config.alpha),
@@ -58,7 +62,6 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_learning_rate": config.unet_lr,
         "ss_unet_lr": config.unet_lr,
         "ss_text_encoder_lr": config.text_encoder_lr,
-        "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_optimizer": describe_optimizer(config.optimizer, config.weight_decay),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": config.lr_warmup_steps,
@@ -73,21 +76,44 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_steps": steps,
         "ss_epoch": epoch,
+        "ss_cache_latents": True,
+        "ss_lowram": False,
         "ss_noise_offset": config.noise_offset or None,
-        "ss_min_snr_gamma": config.min_snr_gamma or None,
-        "ss_loss_type": "l2",
-        "ss_prior_loss_weight": 1.0,
+        "ss_multires_noise_iterations": None,
+        "ss_multires_noise_discount": 0.3,
+        "ss_adaptive_noise_scale": None,
+        "ss_zero_terminal_snr": False,
         "ss_caption_dropout_rate": config.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": 0,
         "ss_caption_tag_dropout_rate": 0.0,
-        "ss_cache_latents": True,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": 1.0,
+        "ss_min_snr_gamma": config.min_snr_gamma or None,
+        "ss_scale_weight_norms": None,
+        "ss_ip_noise_gamma": None,
+        "ss_debiased_estimation": False,
+        "ss_noise_offset_random_strength": False,
+        "ss_ip_noise_gamma_random_strength": False,
+        "ss_loss_type": "l2",
+        "ss_huber_schedule": "snr",
+        "ss_huber_scale": 1.0,
+        "ss_huber_c": 0.1,
+        "ss_fp8_base": False,
+        "ss_fp8_base_unet": False,
+        "ss_num_validation_images": 0,
+        "ss_validation_seed": None,
+        "ss_validation_split": 0.0,
+        "ss_max_validation_steps": None,
+        "ss_validate_every_n_epochs": None,
+        "ss_validate_every_n_steps": None,
+        "ss_resize_interpolation": None,
         "ss_resolution": (config.resolution, config.resolution),
         "ss_batch_size_per_device": config.batch_size,
         "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps,
         "ss_enable_bucket": config.enable_buckets,
         "ss_bucket_no_upscale": config.bucket_no_upscale,
-        "ss_min_bucket_reso": config.min_bucket_reso,
-        "ss_max_bucket_reso": config.max_bucket_reso,
+        "ss_min_bucket_reso": config.min_bucket_reso if config.enable_buckets else None,
+        "ss_max_bucket_reso": config.max_bucket_reso if config.enable_buckets else None,
         "ss_color_aug": False,
         "ss_flip_aug": config.flip_aug,
         "ss_random_crop": False,
@@ -98,15 +124,15 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_dataset_dirs": facts.dataset_dirs,
         "ss_reg_dataset_dirs": {},
         "ss_tag_frequency": facts.tag_frequency,
-        "ss_bucket_info": facts.bucket_info,
+        "ss_bucket_info": json.dumps(facts.bucket_info) if config.enable_buckets else "null",  # as sd-scripts
     }
-    if config.conv_rank > 0:
-        ss["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+    if config.conv_rank > 0:  # sd-scripts adds the network's dropout to the arguments it was given
+        ss["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha), "dropout": None}
     if facts.base_model.vae_name:
         ss["ss_vae_name"] = facts.base_model.vae_name
 
     spec = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": _ARCHITECTURE[facts.family],
         "modelspec.implementation": "diffusers" if facts.family is not ModelFamily.SDXL
         else "https://github.com/Stability-AI/generative-models",
@@ -119,7 +145,23 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         spec["modelspec.encoder_layer"] = str(config.clip_skip)
     if config.trigger_words.strip():
         spec["modelspec.trigger_phrase"] = config.trigger_words.strip()
+    spec["modelspec.implementation_version"] = f"train-tools/{_train_tools_revision()}"
     return {key: _as_text(value) for key, value in {**ss, **spec}.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _train_tools_revision() -> str:
+    """The extension's git commit (``modelspec.implementation_version``), "unknown" outside its own checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    lines = top.stdout.split()
+    if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return "unknown"  # not a git checkout, or one of an enclosing folder (the WebUI's own)
+    return lines[1]
 
 
 def _as_text(value) -> str:

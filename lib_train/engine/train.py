@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import ConfigError, TrainingDiverged
-from ..dataset.training_data import TrainingData, scan_training_folder
+from ..common.errors import ConfigError, DatasetError, TrainingDiverged
+from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
 from ..hosts.protocol import Progress, TrainingHost
 from .config import TrainConfig
 from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
@@ -33,6 +33,7 @@ class TrainResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     setup_seconds: float = 0.0  # start until the first training step
     step_seconds: list[float] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unusable pictures left out (skip_unusable_files)
 
 
 class _StopRequested(Exception):
@@ -45,10 +46,12 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
     amp_dtype = _autocast_dtype(config, host)
 
-    records = scan_training_folder(config.train_dir, config.repeats)
-    data = config.training_data(records)
+    scan = _usable_pictures(config)
+    data = config.training_data(scan.records)
     steps_per_epoch = math.ceil(data.num_batches_per_epoch / config.gradient_accumulation_steps)
-    result = TrainResult(total_steps=steps_per_epoch * config.epochs)
+    result = TrainResult(total_steps=steps_per_epoch * config.epochs, skipped_files=scan.unusable)
+    if scan.unusable:
+        host.report(Progress("caching", message=f"Skipping {len(scan.unusable)} unusable file(s); nothing was modified."))
     facts = RunFacts(
         family=host.family, prediction_type=host.prediction_type, base_model=host.base_model,
         session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,
@@ -142,6 +145,17 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     host.report(Progress("done", result.steps, result.total_steps, message="Stopped." if result.stopped else "Done.",
                          saved_files=[str(p) for p in result.saved_files]))
     return result
+
+
+def _usable_pictures(config: TrainConfig) -> FolderScan:
+    """The training folder's pictures. Unusable ones stop the run, listed, unless the user chose to skip them."""
+    scan = survey_training_folder(config.train_dir, config.repeats)
+    if scan.unusable and not scan.records:
+        raise DatasetError(scan.unusable_report() + "\nNo picture of the folder can be used.")
+    if scan.unusable and not config.skip_unusable_files:
+        raise DatasetError(scan.unusable_report() + f"\nFix or remove them, or choose 'Skip unusable files' to train "
+                           f"on the other {len(scan.records)} picture(s) (nothing is modified).")
+    return scan
 
 
 def _autocast_dtype(config: TrainConfig, host: TrainingHost) -> torch.dtype | None:

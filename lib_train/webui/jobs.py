@@ -3,6 +3,7 @@ status the tab and the HTTP API both read, and proof that the live model is exac
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
@@ -16,6 +17,7 @@ from PIL import Image
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import check_output_name
 from ..dataset.project_folders import ProjectFolders
+from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
@@ -42,6 +44,7 @@ class JobStatus:
     total_epochs: int = 0
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     saved_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unusable pictures left out, with the reason
     error: str = ""
     grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
     model_restored: bool | None = None  # None until checked
@@ -107,6 +110,37 @@ class TrainingJobs:
                 raise ConfigError(f"A Lora named '{path.stem}' already exists ({existing.filename}); "
                                   "choose another project name.")
 
+    # -- projects -------------------------------------------------------------------------------
+
+    def project_names(self) -> list[str]:
+        """What a returning user has worked on, newest first: project folders (imports, grids) and Lora
+        subfolders holding files of their own name (trainings of a server folder)."""
+        found: dict[str, float] = {}
+        for parent, owns in ((self.folders.projects_dir, lambda folder: True),
+                             (self.folders.lora_dir, lambda folder: bool(epoch_files(folder, folder.name)))):
+            if not parent.is_dir():
+                continue
+            for folder in parent.iterdir():
+                if folder.is_dir() and not folder.name.startswith(".") and owns(folder):
+                    found[folder.name] = max(found.get(folder.name, 0.0), folder.stat().st_mtime)
+        return sorted(found, key=lambda name: (-found[name], name))
+
+    def project_defaults(self, name: str) -> dict[str, str]:
+        """For a project chosen again: its trigger words (from its newest file's card) and its training folder
+        (the project's pictures, when it has some); empty strings where there is nothing to offer."""
+        name = check_output_name(name)
+        pictures = ProjectFolders.for_name(self.folders.projects_dir, name).pictures
+        trigger = ""
+        saved = sorted(epoch_files(self.folders.lora_dir / name, name), key=lambda f: f.path.stat().st_mtime)
+        for file in reversed(saved):
+            card = file.path.with_suffix(".json")
+            try:
+                trigger = str(json.loads(card.read_text("utf-8")).get("activation text", ""))
+            except (OSError, ValueError, AttributeError):
+                continue
+            break
+        return {"trigger_words": trigger, "train_dir": str(pictures) if pictures.is_dir() and pictures_in(pictures) else ""}
+
     # -- running --------------------------------------------------------------------------------
 
     def begin(self) -> JobStatus:
@@ -135,8 +169,11 @@ class TrainingJobs:
                     if before is not None:
                         self._check_restored(job, before)
             job.state = "stopped" if result.stopped else "done"
+            job.skipped_files = result.skipped_files
             job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
-                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.")
+                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.") + \
+                (f" Skipped {len(result.skipped_files)} unusable file(s):\n" + "\n".join(f"- {s}" for s in result.skipped_files)
+                 if result.skipped_files else "")
 
         return self._guarded(job, "Train Tools", work)
 

@@ -598,6 +598,7 @@ def _wire(name, trigger, train_dir, imp: dict, tag: dict, cur: dict, health: dic
     imp["import"].click(_import, inputs=[name, imp["uploads"], imp["folder"], *crop_inputs],
                         outputs=[imp["report"], train_dir, cur["gallery"], cur["names"], imp["uploads"]]).then(**refresh)
     name.blur(**refresh)
+    name.select(**refresh)  # a project picked from the list
     cur["refresh"].click(**refresh)
 
     tag["run"].click(_check_tagger, inputs=[name, tag["tagger"]], outputs=[tag["status"], tag["ready"], tag["install"]]).then(
@@ -632,7 +633,7 @@ def _wire(name, trigger, train_dir, imp: dict, tag: dict, cur: dict, health: dic
                           outputs=[health["summary"], health["findings"]])
 
 
-def build(name: gr.Textbox, trigger: gr.Textbox, train_dir: gr.Textbox) -> None:
+def build(name: gr.Dropdown, trigger: gr.Textbox, train_dir: gr.Textbox) -> None:
     """Lay out the page inside the caller's Blocks; an import sets the Train page's ``train_dir``."""
     with gr.Accordion("1. Import pictures into the project", open=True):
         imp = _import_section()

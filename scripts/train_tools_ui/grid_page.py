@@ -119,7 +119,7 @@ def _choose(name: str, choice: str, delete_others: bool) -> str:
                     f"{result.weight:g} on its card).{deleted} Refresh the Lora cards to see it.")
 
 
-def build(name: gr.Textbox, trigger: gr.Textbox, train_event) -> None:
+def build(name: gr.Dropdown, trigger: gr.Textbox, train_event) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from modules import call_queue, sd_models, shared
+from modules import call_queue, sd_models, shared, ui_common
 
 from lib_train.common.errors import TrainToolsError
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
@@ -52,6 +52,8 @@ def _setting_components() -> dict[str, gr.components.Component]:
         c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags", elem_id="train_tools_shuffle_caption")
         c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
         c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
+        c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
+                                               elem_id="train_tools_skip_unusable_files")
     return c
 
 
@@ -122,18 +124,35 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
     return _files_html(job), _status_html(job)
 
 
-def build_header() -> tuple[gr.Textbox, gr.Textbox]:
-    """What every page shares: the loaded checkpoint, the LoRA (= project) name and its trigger words."""
+def build_header() -> tuple[gr.Dropdown, gr.Textbox]:
+    """What every page shares: the loaded checkpoint, the LoRA (= project) name and its trigger words.
+    The name lists the projects already there (newest first) and takes a new one typed in."""
     with gr.Row():
-        name = gr.Textbox(label="LoRA name (also the project's name)", placeholder="my_character",
-                          elem_id="train_tools_name")
+        name = gr.Dropdown(jobs().project_names(), value="", allow_custom_value=True,
+                           label="LoRA name (also the project's name): pick a project or type a new name",
+                           elem_id="train_tools_name")
+        ui_common.create_refresh_button(name, lambda: None, lambda: {"choices": jobs().project_names()},
+                                        "train_tools_name_refresh")
         trigger = gr.Textbox(label="Trigger words", placeholder="mychar", elem_id="train_tools_trigger")
         gr.Textbox(_base_model_text, label="Base model: training and previews use the checkpoint and VAE loaded "
                    "in the WebUI", interactive=False, elem_id="train_tools_base_model")
     return name, trigger
 
 
-def build(name: gr.Textbox, trigger: gr.Textbox) -> dict[str, gr.components.Component]:
+def _project_chosen(name: str, trigger: str, train_dir: str) -> tuple[str, str]:
+    """A project picked again brings back its trigger words and its pictures folder; a new name changes nothing."""
+    runner = jobs()
+    if not name or name not in runner.project_names():
+        return trigger, train_dir
+    defaults = runner.project_defaults(name)
+    return defaults["trigger_words"] or trigger, defaults["train_dir"] or train_dir
+
+
+def wire_project_choice(name: gr.Dropdown, trigger: gr.Textbox, train_dir: gr.Textbox) -> None:
+    name.change(fn=_project_chosen, inputs=[name, trigger, train_dir], outputs=[trigger, train_dir])
+
+
+def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Component]:
     """Lay out the page inside the caller's Blocks; returns the components other pages link to."""
     with gr.Row():
         with gr.Column(scale=3):
