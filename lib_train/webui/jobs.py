@@ -3,6 +3,7 @@ status the tab and the HTTP API both read, and proof that the live model is exac
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -16,6 +17,7 @@ from PIL import Image
 
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import check_output_name
+from ..common.memory import return_freed_memory
 from ..dataset.project_folders import ProjectFolders
 from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
@@ -218,6 +220,8 @@ class TrainingJobs:
             traceback.print_exc()
         finally:
             job.finished_at = time.time()
+            gc.collect()  # the run's tensors may sit in reference cycles; free them before trimming
+            return_freed_memory()
         if job.model_restored is False:
             job.error = (job.error + " " if job.error else "") + (
                 "THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this.")
