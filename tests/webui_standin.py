@@ -1,7 +1,8 @@
 """A stand-in for the WebUI modules the adapter uses, built around the tiny SD1 from real classes.
 
-Only the WebUI's plumbing is imitated (state, queue lock, attention switch, the built-in Lora's merge
-bookkeeping, the VAE helper); the model, the text encoder and every training step are real."""
+Only the WebUI's plumbing is imitated (state, queue lock, attention switch, the built-in Lora's merge and its
+bookkeeping, the emphasis step of the text path, the VAE helper); the model, the text encoder and every
+training step are real."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from safetensors.torch import load_file
+
+from lib_train.engine.lora_names import text_encoder_targets, unet_targets
 from lib_train.hosts.clip_tokenizer import clip_tokenizer
 from lib_train.hosts.sd1 import VAE_SCALE_FACTOR, build_tiny_sd1, sd1_alphas_cumprod
 from lib_train.webui.host import WebUI
@@ -58,9 +62,12 @@ class CondStageModel(nn.Module):
         ids = clip_tokenizer()(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         skip = self.opts.CLIP_stop_at_last_layers
         out = self.wrapped.transformer(input_ids=ids, output_hidden_states=skip > 1)
-        if skip == 1:
-            return out.last_hidden_state
-        return self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+        z = out.last_hidden_state if skip == 1 else self.wrapped.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+        # The WebUI's default "Original" emphasis: scale by the (here all 1) token weights, then restore the mean.
+        # A conditioning whose mean rounds to exactly 0 becomes NaN here (0/0), as in the WebUI.
+        original_mean = z.mean()
+        z = z * torch.ones(z.shape[:2] + (1,))
+        return z * (original_mean / z.mean())
 
 
 class SDModel(nn.Module):
@@ -76,8 +83,9 @@ class SDModel(nn.Module):
         self.is_sd1, self.is_sd2, self.is_sdxl, self.lowvram = True, False, False, False
         self.sd_checkpoint_info = SimpleNamespace(filename="/models/Stable-diffusion/tiny.safetensors",
                                                   hash="0123abcd", sha256="f" * 64, title="tiny [ffffffffff]")
-        # The built-in Lora names every layer on model load.
-        self.network_layer_mapping = {n.replace(".", "_"): m for n, m in self.model.named_modules() if n}
+        # The built-in Lora names every layer on model load, the text encoder's too.
+        self.network_layer_mapping = {n.replace(".", "_"): m for part in (self.model, self.cond_stage_model)
+                                      for n, m in part.named_modules() if n}
 
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x)
@@ -97,6 +105,25 @@ def restore_from_backup(module):
     module.weight.copy_(module.network_weights_backup)
 
 
+def merge_lora(sd_model, state: dict, te_weight: float, unet_weight: float, name: str = "lora") -> None:
+    """What the built-in Lora does for <lora:name:w>: back each layer up, then W' = W + (up @ down)·alpha/rank·w,
+    in that order of operations (its calc_updown and finalize_updown)."""
+    targets = [(t, unet_weight) for t in unet_targets(sd_model.model.diffusion_model, with_convs=True)] + \
+        [(t, te_weight) for t in text_encoder_targets(sd_model.cond_stage_model.wrapped.transformer, "lora_te")]
+    with torch.no_grad():
+        for target, weight in targets:
+            if f"{target.key}.lora_down.weight" not in state or weight == 0:
+                continue
+            down, up = state[f"{target.key}.lora_down.weight"], state[f"{target.key}.lora_up.weight"]
+            updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(target.module.weight.shape)
+            updown = updown * (float(state[f"{target.key}.alpha"]) / down.shape[0]) * weight
+            module = target.module
+            if getattr(module, "network_weights_backup", None) is None:
+                module.network_weights_backup = module.weight.detach().clone()
+            module.weight.copy_(module.network_weights_backup + updown)
+            module.network_current_names = ((name, te_weight, unet_weight, None),)
+
+
 def make_webui(lora_dir: Path) -> WebUI:
     opts = SimpleNamespace(CLIP_stop_at_last_layers=1)
     sd_model = SDModel(opts)
@@ -111,6 +138,20 @@ def make_webui(lora_dir: Path) -> WebUI:
         network_restore_weights_from_backup=restore_from_backup,
         list_available_networks=lambda: events.append("refresh-loras"),
     )
+
+    def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
+        """The built-in Lora's loader by alias (a file stem under the Lora folder); it merges at once."""
+        networks.loaded_networks.clear()
+        for index, name in enumerate(names):
+            found = sorted(Path(lora_dir).rglob(f"{name}.safetensors"))
+            if not found:
+                continue
+            merge_lora(sd_model, load_file(str(found[0])), te_multipliers[index] if te_multipliers else 1.0,
+                       unet_multipliers[index] if unet_multipliers else 1.0, name)
+            networks.loaded_networks.append(SimpleNamespace(name=name))
+        events.append(f"load-networks:{','.join(names)}")
+
+    networks.load_networks = load_networks
     processing = SimpleNamespace(StableDiffusionProcessing=SimpleNamespace(cached_c=["c", "old"], cached_uc=["u", "old"]))
     progress = SimpleNamespace(
         add_task_to_queue=lambda i: events.append(f"queued:{i}"),

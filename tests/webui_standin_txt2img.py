@@ -1,6 +1,7 @@
 """A small txt2img with the WebUI's shapes, for the stand-in WebUI: prompt_parser's conditioning objects and
 dedup, the class-level conditioning cache, ``get_conds_with_caching``, per-sample seeds, an Euler sampler with
-classifier-free guidance that calls the UNet on cond and uncond rows together, and the VAE decode.
+classifier-free guidance that calls the UNet on cond and uncond rows together, the VAE decode one sample at a
+time, and the WebUI's NaN checks (on the first element of the UNet's output, and of each decoded sample).
 
 The model is the real tiny SD1; only the WebUI's plumbing is imitated. The grid code must work through this
 exactly as through the WebUI (it overrides ``get_conds_with_caching`` and hooks the UNet)."""
@@ -19,6 +20,16 @@ from lib_train.hosts.sd1 import VAE_SCALE_FACTOR
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
 ComposableScheduledPromptConditioning = namedtuple("ComposableScheduledPromptConditioning", ["schedules", "weight"])
+
+
+class NansException(Exception):
+    pass
+
+
+def test_for_nans(x: torch.Tensor, where: str) -> None:
+    """As the WebUI's devices.test_for_nans: only the first element is looked at."""
+    if torch.isnan(x[(0,) * x.ndim]):
+        raise NansException(f"A tensor with NaNs was produced in {where}.")
 
 
 class MulticondLearnedConditioning:
@@ -109,10 +120,14 @@ def process_images(p, state) -> SimpleNamespace:
             scale = 1 / (sigmas[i] ** 2 + 1).sqrt()
             rows = torch.cat([x, x]) * scale
             t = timesteps[i].repeat(rows.shape[0])
-            eps_cond, eps_uncond = model.apply_model(rows, t, torch.cat([cond, uncond])).chunk(2)
+            output = model.apply_model(rows, t, torch.cat([cond, uncond]))
+            test_for_nans(output, "Unet")
+            eps_cond, eps_uncond = output.chunk(2)
             eps = eps_uncond + p.cfg_scale * (eps_cond - eps_uncond)
             x = x + eps * (sigmas[i + 1] - sigmas[i])
-        decoded = model.first_stage_model.decode(x / VAE_SCALE_FACTOR)
+        decoded = [model.first_stage_model.decode(sample[None] / VAE_SCALE_FACTOR)[0] for sample in x]
+        for sample in decoded:
+            test_for_nans(sample, "VAE")
     images = [Image.fromarray(((d.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy().astype(np.uint8))
               for d in decoded]
     batch = f"Batch size: {p.batch_size}, Batch pos: {{}}, " if p.batch_size > 1 else ""

@@ -54,7 +54,7 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
     settings = RenderSettings(spec.prompt, spec.negative_prompt, spec.sampler, spec.steps, spec.width, spec.height)
     z_values = [ZValue(seed=z if spec.third_axis == "seed" else spec.seeds[0],
                        cfg_scale=z if spec.third_axis == "cfg" else spec.cfg_scale) for z in spec.z_values()]
-    renderer = WebUIGridRenderer(webui, host.unet, on_batch=on_batch, stop_requested=stop_requested)
+    renderer = WebUIGridRenderer(webui, host, on_batch=on_batch, stop_requested=stop_requested)
     cells = renderer.render(settings, [row.path for row in request.rows], spec.weights, z_values,
                             network_for=lambda state: LoRANetwork.for_kohya_state_dict(host, state))
     if not cells:

@@ -1,17 +1,20 @@
 """Render epoch × weight preview cells through the WebUI's own txt2img pipeline, fast.
 
-One network shaped like the run's files stays attached; each epoch's tensors are copied into it in place,
-and the W weights of a grid row are one batch of W images with the same seed, each sample carrying its own
-Lora multiplier. Conditioning is computed per weight (the text encoder's Lora changes the prompt's and the
-negative prompt's encodings), bypassing the WebUI's conditioning cache, whose key knows nothing of weights.
-Everything else is the WebUI's: sampler, schedule, VAE, seeds and infotext.
+One network shaped like the run's files stays attached to the UNet; each epoch's tensors are copied into it
+in place, and the W weights of a grid row are one batch of W images with the same seed, each sample carrying
+its own Lora multiplier. Conditioning is computed per weight (the text encoder's Lora changes the prompt's and
+the negative prompt's encodings), bypassing the WebUI's conditioning cache, whose key knows nothing of weights.
+The text encoder's part is merged by the built-in Lora itself, as txt2img with ``<lora:epoch:w>`` does, so the
+conditioning is bit for bit txt2img's: the WebUI's emphasis step divides by the conditioning's mean, and on
+some models a last-bit difference there is the difference between a picture and NaN. Everything else is the
+WebUI's: sampler, schedule, VAE, seeds and infotext.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from safetensors.torch import load_file
 from ..common.errors import ConfigError
 from ..engine.network import LoRANetwork
 from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
-from .host import WebUI
+from .host import WebUI, WebUIHost
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,11 @@ class RenderedCell:
 class WebUIGridRenderer:
     """Cells keyed ``(weight index, epoch index, z index)``, as the X/Y/Z plot orders them."""
 
-    def __init__(self, webui: WebUI, host_unet, *,
+    def __init__(self, webui: WebUI, host: WebUIHost, *,
                  on_batch: Callable[[int, int, str], None] = lambda done, total, text: None,
                  stop_requested: Callable[[], bool] = lambda: False):
         self.webui = webui
-        self.unet = host_unet
+        self.host = host
         self.processing_class = _grid_txt2img_class(webui)
         self.on_batch = on_batch
         self.stop_requested = stop_requested
@@ -75,6 +78,9 @@ class WebUIGridRenderer:
                 if network is None:
                     network = network_for(state)
                     network.attach()
+                    if self._builtin_lora_available():
+                        for module in network.text_encoder_modules:
+                            module.detach()  # the built-in Lora merges this part (text_encoder_at)
                 else:
                     network.load_kohya_state_dict(state)  # same shape for every epoch of a run: swap in place
                 for iz, z in enumerate(z_values):
@@ -82,7 +88,7 @@ class WebUIGridRenderer:
                         return cells
                     done = iy * len(z_values) + iz
                     self.on_batch(done, total, f"{Path(path).stem}, seed {z.seed}, CFG {z.cfg_scale:g}")
-                    images, infotexts = self._render_batch(network, settings, z, weights)
+                    images, infotexts = self._render_batch(network, Path(path).stem, settings, z, weights)
                     if self.stop_requested() or len(images) < len(weights):  # interrupted: half-sampled images
                         return cells
                     for ix, (image, infotext) in enumerate(zip(images, infotexts)):
@@ -93,7 +99,28 @@ class WebUIGridRenderer:
             if network is not None:
                 network.detach()
 
-    def _render_batch(self, network: LoRANetwork, settings: RenderSettings, z: ZValue,
+    def _builtin_lora_available(self) -> bool:
+        return hasattr(self.webui.networks, "load_networks")
+
+    @contextmanager
+    def text_encoder_at(self, network: LoRANetwork, alias: str, weight: float) -> Iterator[None]:
+        """The text encoder with the epoch's Lora at ``weight``, for one encoding: through the built-in Lora
+        (text-encoder weight w, UNet weight 0: the UNet's part is the grid's own per-sample hooks), un-merged
+        afterwards; through our hooks when the built-in Lora is not loaded."""
+        if not self._builtin_lora_available():
+            with text_encoder_weight(network, weight):
+                yield
+            return
+        networks = self.webui.networks
+        try:
+            networks.load_networks([alias], [weight], [0.0], [None])
+            if [net.name for net in networks.loaded_networks] != [alias]:
+                raise ConfigError(f"The WebUI's Lora cannot load {alias}; press Refresh on its Lora tab and try again.")
+            yield
+        finally:
+            self.host.unmerge_builtin_lora()
+
+    def _render_batch(self, network: LoRANetwork, alias: str, settings: RenderSettings, z: ZValue,
                       weights: Sequence[float]) -> tuple[list[Image.Image], list[str]]:
         processing = self.webui.processing
         p = self.processing_class(
@@ -111,9 +138,9 @@ class WebUIGridRenderer:
             do_not_save_samples=True,
             do_not_save_grid=True,
         )
-        p.train_tools_network = network
         p.train_tools_weights = list(weights)
-        with closing(p), per_sample_unet_weights(network, self.unet, weights):
+        p.train_tools_text_encoder_at = lambda weight: self.text_encoder_at(network, alias, weight)
+        with closing(p), per_sample_unet_weights(network, self.host.unet, weights):
             processed = processing.process_images(p)
         return list(processed.images[:len(weights)]), list(processed.infotexts[:len(weights)])
 
@@ -137,7 +164,7 @@ def _grid_txt2img_class(webui: WebUI):
             results = []
             for prompt, weight in zip(required_prompts, self.train_tools_weights):
                 one = type(required_prompts)([prompt], copy_from=required_prompts)
-                with webui.devices.autocast(), text_encoder_weight(self.train_tools_network, weight):
+                with webui.devices.autocast(), self.train_tools_text_encoder_at(weight):
                     results.append(function(webui.shared.sd_model, one, steps, hires_steps,
                                             webui.shared.opts.use_old_scheduling))
             if isinstance(results[0], list):  # negative prompts: a schedule per sample
