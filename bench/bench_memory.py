@@ -3,7 +3,7 @@ WebUI (on the CPU the run's tensors live in RAM; after it the process should be 
 
     python bench/bench_memory.py --url http://127.0.0.1:7861 --pid <WebUI process id> [--size 512] [--count 8] [--runs 2]
 
-The WebUI must be idle. Trains a throwaway LoRA (1 epoch, rank 4, UNet and text encoder) on generated pictures
+The WebUI must be idle. Trains a throwaway LoRA (1 epoch, rank 4, UNet and text encoder, learning rates low enough for a random-weight test model) on generated pictures
 in a temporary folder; its files go to models/Lora/<name>/ like any other training and can be deleted afterwards.
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
             name = f"memtest-{int(time.time())}"
             request(args.url + "/train-tools/v1/train", dict(
                 name=name, train_dir=str(pictures), trigger_words="memtest", resolution=args.size, epochs=1,
-                rank=4, alpha=4, unet_lr=1e-4, text_encoder_lr=5e-5, enable_buckets=False, batch_size=1,
+                rank=4, alpha=4, unet_lr=2e-5, text_encoder_lr=1e-5, enable_buckets=False, batch_size=1, seed=1,
                 save_precision="fp16"))
             status = wait_for_job(args.url)
             time.sleep(3)  # what the process holds once the job has ended

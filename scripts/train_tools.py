@@ -58,6 +58,7 @@ def on_ui_tabs():
             with dataset_tab:
                 dataset_page.build(name, trigger, train["train_dir"])
         train_page.wire_project_choice(name, trigger, train["train_dir"])
+        tab.load(fn=train_page.project_choices, inputs=[], outputs=[name])  # the list as it is when the page loads
     return [(tab, "Train Tools", "train_tools")]
 
 

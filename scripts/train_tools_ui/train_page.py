@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import shutil
+import time
 from functools import partial
 from pathlib import Path
 
@@ -103,8 +104,16 @@ def _loss_frame(job):
     return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
 
 
+# The last Train click that was refused before it became a job (bad name, folder, settings): the periodic
+# refresh shows it instead of the finished job before it, until a new job starts; a running job is shown.
+_refusal: tuple[float, str] | None = None
+
+
 def _refresh():
     job = jobs().current
+    running = job is not None and job.state in ("queued", "running")
+    if _refusal is not None and not running and (job is None or job.started_at < _refusal[0]):
+        return gr.LinePlot.update(value=_loss_frame(None)), "", _refusal[1]
     return gr.LinePlot.update(value=_loss_frame(job)), _files_html(job), _status_html(job)
 
 
@@ -118,7 +127,9 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
         config = runner.prepare(settings)
         job = runner.begin()
     except TrainToolsError as error:
-        return "", f"<div class='error'>{html.escape(str(error))}</div>"
+        global _refusal
+        _refusal = (time.time(), f"<div class='error'>{html.escape(str(error))}</div>")
+        return "", _refusal[1]
     job.id = id_task
     runner.run(job, config)
     return _files_html(job), _status_html(job)
@@ -133,10 +144,17 @@ def build_header() -> tuple[gr.Dropdown, gr.Textbox]:
                            elem_id="train_tools_name")
         ui_common.create_refresh_button(name, lambda: None, lambda: {"choices": jobs().project_names()},
                                         "train_tools_name_refresh")
+        # Built when the WebUI started: the list is read again on each page load (see on_ui_tabs) and each focus
+        # (shown from the next opening: gradio 3 does not redraw a list that is open).
+        name.focus(fn=project_choices, inputs=[], outputs=[name])
         trigger = gr.Textbox(label="Trigger words", placeholder="mychar", elem_id="train_tools_trigger")
         gr.Textbox(_base_model_text, label="Base model: training and previews use the checkpoint and VAE loaded "
                    "in the WebUI", interactive=False, elem_id="train_tools_base_model")
     return name, trigger
+
+
+def project_choices() -> dict:
+    return gr.update(choices=jobs().project_names())
 
 
 def _project_chosen(name: str, trigger: str, train_dir: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageEnhance
 from playwright.sync_api import Page, sync_playwright
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
-from browser import open_train_tools  # noqa: E402
+from browser import open_train_tools, set_name  # noqa: E402
 from lib_train.dataset.captions import split_tags  # noqa: E402
 from lib_train.dataset.training_data import load_rgb  # noqa: E402
 from lib_train.tagging.wd14 import MODELS_SUBFOLDER, WD14Tagger  # noqa: E402
@@ -348,7 +348,7 @@ def main() -> None:
         browser, page, errors = open_train_tools(playwright, args.url, height=1200)
         first_page = page.locator("#train_tools_pages > .tab-nav > button").first.inner_text()
         check(first_page.strip() == "Dataset", f"the Dataset page comes first ({first_page!r})")
-        fill(page, "train_tools_name", name)
+        set_name(page, name)
         fill(page, "train_tools_trigger", TRIGGER)
 
         pictures = check_import(page, files, name, args.projects_dir, args.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser import open_train_tools, show_page  # noqa: E402
+from browser import open_train_tools, set_name, show_page  # noqa: E402
 from webui_api import check  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     with sync_playwright() as playwright:
         browser, page, _ = open_train_tools(playwright, args.url, height=1400)
         show_page(page, "Preview grid")
-        page.locator("#train_tools_name textarea").fill(args.name)
+        set_name(page, args.name)
         page.locator("#train_tools_trigger textarea").fill(args.name)
         page.locator("#train_tools_grid_check").click()
         page.wait_for_function("document.querySelector('#train_tools_grid_status').innerText.includes('trained on')",

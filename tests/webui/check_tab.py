@@ -4,7 +4,8 @@
 
 Needs Playwright (python) and Debian's chromium. Checks: the tab is there with the loaded base model
 shown; a 1-epoch training started with the Train button shows the WebUI progress bar and step text while
-it runs, then the status, the loss plot and the saved files. Exits non-zero on the first failed check.
+it runs, then the status, the loss plot and the saved files; after a reload the new LoRA is in the name's
+project list, and picking it brings back its trigger words. Exits non-zero on the first failed check.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser import open_train_tools, show_page  # noqa: E402
+from browser import open_train_tools, pick_project, project_options, set_name, show_page  # noqa: E402
 from webui_api import check  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main() -> None:
         base = page.locator("#train_tools_base_model textarea").input_value()
         check(".safetensors" in base or "[" in base, f"base model shown: {base!r}")
 
-        page.locator("#train_tools_name textarea").fill(name)
+        set_name(page, name)
         page.locator("#train_tools_trigger textarea").fill("ttlive")
         page.locator("#train_tools_train_dir textarea").fill(args.pictures)
         tab = page.locator("#tab_train_tools")
@@ -61,6 +62,16 @@ def main() -> None:
         files = page.locator("#train_tools_files").first.inner_text()
         check(f"{name}.safetensors" in files, f"saved file listed: {files.strip()[:200]}")
         check("unchanged" in page.locator("#train_tools_output").first.inner_text(), "restore verified in the tab")
+
+        page.reload(wait_until="networkidle")
+        page.wait_for_timeout(4000)
+        page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
+        options = project_options(page)
+        check(options[:1] == [name], f"the new LoRA leads the project list: {options[:5]}")
+        pick_project(page, name)
+        trigger = page.locator("#train_tools_trigger textarea").input_value()
+        page.screenshot(path=str(args.out / "tab-project-picked.png"), full_page=True)
+        check(trigger == "ttlive", f"picking the project brings back its trigger words: {trigger!r}")
         browser.close()
     print("all checks passed")
 
