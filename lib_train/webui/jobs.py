@@ -26,7 +26,7 @@ from ..engine.save import OutputPlan
 from ..engine.train import train_lora
 from ..hosts.protocol import Progress
 from ..preview.epoch_choice import ChoiceResult, choose_epoch
-from ..preview.grid_spec import GridSpec, epoch_files, parse_number_list, read_lora_metadata
+from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model
 from .host import WebUI, WebUIHost
@@ -55,6 +55,13 @@ class JobStatus:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _holds_own_files(folder: Path) -> bool:
+    """A Lora subfolder with ``<folder>.safetensors`` or its epoch files, found by name alone: the list is read
+    at every page load, so no file is opened."""
+    epoch_stem = epoch_suffix_pattern(folder.name)
+    return any(path.stem == folder.name or epoch_stem.fullmatch(path.stem) for path in folder.glob("*.safetensors"))
 
 
 @dataclass
@@ -118,8 +125,7 @@ class TrainingJobs:
         """What a returning user has worked on, newest first: project folders (imports, grids) and Lora
         subfolders holding files of their own name (trainings of a server folder)."""
         found: dict[str, float] = {}
-        for parent, owns in ((self.folders.projects_dir, lambda folder: True),
-                             (self.folders.lora_dir, lambda folder: bool(epoch_files(folder, folder.name)))):
+        for parent, owns in ((self.folders.projects_dir, lambda folder: True), (self.folders.lora_dir, _holds_own_files)):
             if not parent.is_dir():
                 continue
             for folder in parent.iterdir():
