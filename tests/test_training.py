@@ -19,19 +19,20 @@ from lib_train.hosts.standalone import StandaloneHost
 from .conftest import make_concept_images, tiny_config
 
 
-def eval_loss(host, latents, captions, state=None) -> float:
-    """Loss on fixed noise and timesteps, with the given LoRA state attached (or the bare model)."""
+def eval_loss(host, latents, captions, state=None, sizes=None) -> float:
+    """Loss on fixed noise and timesteps, with the given LoRA state attached (or the bare model); ``sizes``
+    for SDXL."""
     generator = torch.Generator().manual_seed(1234)
     losses = []
     network = None
     if state is not None:
-        network = LoRANetwork.for_host(host, rank=4, alpha=4.0, train_text_encoder=True)
-        network.load_kohya_state_dict(state)
+        network = LoRANetwork.for_kohya_state_dict(host, state)
         network.attach()
     with torch.no_grad():
         for _ in range(8):
             noisy, noise, t = add_noise(latents, host.alphas_cumprod(), generator)
-            losses.append(float(diffusion_loss(host.predict(noisy, t, host.encode_captions(captions)), noise)))
+            cond = host.unet_conditioning(host.encode_captions(captions), sizes)
+            losses.append(float(diffusion_loss(host.predict(noisy, t, cond), noise)))
     if network is not None:
         network.detach()
     return sum(losses) / len(losses)

@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from ..common.errors import DatasetError
+from ..hosts.protocol import SizeCondition
 from .buckets import (
     BucketChoice,
     Size,
     choose_no_upscale_bucket,
+    centre_crop_box,
     choose_predefined_bucket,
     make_bucket_resolutions,
     mean_ar_error,
@@ -169,6 +171,7 @@ class Batch:
     latents: torch.Tensor  # (B, C, h, w) float32, as `encode` returned them
     captions: list[str]
     records: list[ImageRecord]
+    sizes: list[SizeCondition]  # what SDXL is told about each picture's size and crop
 
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -311,9 +314,11 @@ class TrainingData:
         latents: list[torch.Tensor],
         flipped: list[torch.Tensor] | None,
     ) -> Batch:
-        chosen, captions = [], []
+        chosen, captions, sizes = [], [], []
         for i in indices:
-            chosen.append(flipped[i] if flipped is not None and rng.random() < 0.5 else latents[i])
+            mirrored = flipped is not None and rng.random() < 0.5
+            chosen.append(flipped[i] if mirrored else latents[i])
+            sizes.append(self.size_condition(i, mirrored))
             captions.append(
                 process_caption(
                     self.records[i].caption,
@@ -323,7 +328,17 @@ class TrainingData:
                     dropout_rate=self.caption_dropout_rate,
                 )
             )
-        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices])
+        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices], sizes)
+
+    def size_condition(self, index: int, mirrored: bool = False) -> SizeCondition:
+        """As kohya conditions SDXL: the picture's size, where the centre crop starts in the resized picture
+        (measured from the right edge for a mirrored picture), and the bucket."""
+        record, choice = self.records[index], self.choices[index]
+        left, top, right, _ = centre_crop_box(choice.resized_size, choice.bucket)
+        if mirrored:
+            left = choice.resized_size[0] - right
+        return SizeCondition(original_hw=(record.size[1], record.size[0]), crop_top_left=(top, left),
+                             target_hw=(choice.bucket[1], choice.bucket[0]))
 
     # -- metadata (kohya's ss_* shapes) ---------------------------------------------------------
 

@@ -1,8 +1,8 @@
-"""Which layers of an SD1 model get a LoRA, and the exact kohya key name of each.
+"""Which layers of a model get a LoRA, and the exact kohya key name of each.
 
-The WebUI holds the UNet in the original LDM layout (``input_blocks / middle_block / output_blocks``)
-but kohya writes SD1/SD2 UNet keys with diffusers paths (``down_blocks / mid_block / up_blocks``).
-A1111, ComfyUI and diffusers all map those names back, so we write exactly what kohya writes.
+The WebUI holds the UNet in the original LDM layout (``input_blocks / middle_block / output_blocks``).
+kohya writes SD1/SD2 UNet keys with diffusers paths (``down_blocks / mid_block / up_blocks``) and SDXL keys
+with the LDM/sgm paths themselves; A1111, ComfyUI and diffusers map both back, so we write what kohya writes.
 Text-encoder keys always contain ``text_model_`` whatever the transformers version (transformers 5
 dropped the ``.text_model`` submodule), so they are built from the layer index, not from module paths.
 """
@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+
+from ..hosts.protocol import ModelFamily
 
 # Container classes whose Linear / Conv2d descendants get a LoRA, by LDM class name.
 ATTENTION_CONTAINERS = ("SpatialTransformer",)
@@ -41,12 +43,14 @@ class LoraTarget:
     """A layer of the host model and the kohya key its LoRA is saved under."""
 
     key: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    module: nn.Module  # the nn.Linear or nn.Conv2d in the host model
+    module: nn.Module  # the nn.Linear or nn.Conv2d in the host model; for a fused part, the nn.MultiheadAttention
     is_conv_3x3: bool  # gets conv rank/alpha instead of the linear ones
+    fused_part: str | None = None  # "q", "k", "v" or "out" of an OpenCLIP attention (one fused in_proj weight)
 
 
-def unet_targets(unet: nn.Module, with_convs: bool) -> list[LoraTarget]:
-    """LoRA targets of an LDM SD1/SD2 UNet, in module order, with kohya's diffusers-style keys."""
+def unet_targets(unet: nn.Module, with_convs: bool, ldm_keys: bool = False) -> list[LoraTarget]:
+    """LoRA targets of an LDM UNet, in module order, with kohya's keys: diffusers-style for SD1/SD2, the LDM
+    path itself for SDXL (``ldm_keys``)."""
     containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if with_convs else ())
     targets: list[LoraTarget] = []
     seen: set[int] = set()
@@ -61,8 +65,8 @@ def unet_targets(unet: nn.Module, with_convs: bool) -> list[LoraTarget]:
             if is_3x3 and not with_convs:
                 continue
             seen.add(id(child))
-            diffusers_path = ldm_to_diffusers_path(container_path, kind, child_path)
-            targets.append(LoraTarget("lora_unet_" + diffusers_path.replace(".", "_"), child, is_3x3))
+            path = f"{container_path}.{child_path}" if ldm_keys else ldm_to_diffusers_path(container_path, kind, child_path)
+            targets.append(LoraTarget("lora_unet_" + path.replace(".", "_"), child, is_3x3))
     return targets
 
 
@@ -111,3 +115,36 @@ def text_encoder_targets(text_encoder: nn.Module, key_prefix: str) -> list[LoraT
             key = f"{key_prefix}_text_model_encoder_layers_{index}_{child.replace('.', '_')}"
             targets.append(LoraTarget(key, module, False))
     return targets
+
+
+# OpenCLIP residual-block children -> the HF CLIP names kohya writes (it converts the checkpoint's OpenCLIP
+# to a transformers CLIPTextModelWithProjection before training).
+_OPENCLIP_MLP = {"mlp.c_fc": "mlp_fc1", "mlp.c_proj": "mlp_fc2"}
+FUSED_ATTENTION_PARTS = ("q", "k", "v", "out")
+
+
+def openclip_text_targets(text_model: nn.Module, key_prefix: str) -> list[LoraTarget]:
+    """LoRA targets of an OpenCLIP text tower (SDXL TE2, SD2): q/k/v/out of each fused attention and both MLP
+    layers, under kohya's HF names (``lora_te2_text_model_encoder_layers_N_self_attn_q_proj``)."""
+    targets = []
+    for index, block in enumerate(text_model.transformer.resblocks):
+        stem = f"{key_prefix}_text_model_encoder_layers_{index}"
+        for part in FUSED_ATTENTION_PARTS:
+            targets.append(LoraTarget(f"{stem}_self_attn_{part}_proj", block.attn, False, fused_part=part))
+        for child, name in _OPENCLIP_MLP.items():
+            targets.append(LoraTarget(f"{stem}_{name}", block.get_submodule(child), False))
+    return targets
+
+
+def model_targets(family: ModelFamily, unet: nn.Module, text_encoders: list[tuple[nn.Module, str]],
+                  with_convs: bool) -> tuple[list[LoraTarget], list[LoraTarget]]:
+    """(UNet targets, text-encoder targets) of a model of ``family``, under the keys kohya writes for it.
+    ``text_encoders`` are (module, key prefix) pairs: HF CLIPTextModels or OpenCLIP text towers."""
+    if family not in (ModelFamily.SD1, ModelFamily.SDXL):
+        raise NotImplementedError(f"LoRA for {family.value} is not supported yet.")
+    unet_part = unet_targets(unet, with_convs, ldm_keys=family is ModelFamily.SDXL)
+    text_part: list[LoraTarget] = []
+    for module, prefix in text_encoders:
+        is_openclip = hasattr(getattr(module, "transformer", None), "resblocks")
+        text_part += openclip_text_targets(module, prefix) if is_openclip else text_encoder_targets(module, prefix)
+    return unet_part, text_part

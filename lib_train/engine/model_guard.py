@@ -32,10 +32,11 @@ def frozen(modules: list[nn.Module]) -> Iterator[None]:
 
 
 def checkpointed_blocks(unet: nn.Module, text_encoders: list[nn.Module]) -> list[nn.Module]:
-    """The blocks whose activations are recomputed in backward: every UNet block and CLIP layer."""
+    """The blocks whose activations are recomputed in backward: every UNet block and text-encoder layer."""
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     for encoder in text_encoders:
-        blocks += list(text_encoder_layers(encoder))
+        openclip = getattr(getattr(encoder, "transformer", None), "resblocks", None)
+        blocks += list(openclip if openclip is not None else text_encoder_layers(encoder))
     return blocks
 
 

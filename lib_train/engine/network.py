@@ -8,8 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..hosts.protocol import ModelFamily, TrainingHost
-from .lora_names import LoraTarget, text_encoder_targets, unet_targets
+from ..hosts.protocol import TrainingHost
+from .lora_names import LoraTarget, model_targets
+from .network_fused_attention import FusedAttentionLoRA
 from .network_lora import LoRAModule
 
 
@@ -24,6 +25,13 @@ class LoRANetwork(nn.Module):
         duplicates = {k for k in keys if keys.count(k) > 1}
         if duplicates:
             raise ValueError(f"Duplicate LoRA keys: {sorted(duplicates)[:5]}")
+        # Parts of one fused attention (OpenCLIP) act together through that attention's forward.
+        groups: dict[int, tuple[nn.Module, dict[str, LoRAModule]]] = {}
+        for module in self.modules_in_order():
+            if module.fused_part is not None:
+                base = module._base[0]
+                groups.setdefault(id(base), (base, {}))[1][module.fused_part] = module
+        self._fused = [FusedAttentionLoRA(attention, parts) for attention, parts in groups.values()]
 
     @classmethod
     def for_host(
@@ -37,33 +45,27 @@ class LoRANetwork(nn.Module):
         train_text_encoder: bool = True,
         seed: int = 0,
     ) -> "LoRANetwork":
-        if host.family is not ModelFamily.SD1:
-            raise NotImplementedError(f"LoRA training for {host.family.value} is not supported yet; load an SD1.x checkpoint.")
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def build(targets: list[LoraTarget]) -> list[LoRAModule]:
             modules = []
             for target in targets:
                 r, a = (conv_rank, conv_alpha) if target.is_conv_3x3 else (rank, alpha)
-                modules.append(LoRAModule(target.key, target.module, r, a, generator, device=host.device))
+                modules.append(LoRAModule(target.key, target.module, r, a, generator, device=host.device,
+                                          fused_part=target.fused_part))
             return modules
 
-        unet_modules = build(unet_targets(host.unet, with_convs=conv_rank > 0))
-        te_modules: list[LoRAModule] = []
-        if train_text_encoder:
-            for encoder in host.text_encoders:
-                te_modules += build(text_encoder_targets(encoder.module, encoder.key_prefix))
+        unet_part, text_part = _host_targets(host, with_convs=conv_rank > 0)
+        unet_modules = build(unet_part)
+        te_modules = build(text_part) if train_text_encoder else []
         return cls(unet_modules, te_modules)
 
     @classmethod
     def for_kohya_state_dict(cls, host: TrainingHost, state: dict[str, torch.Tensor]) -> "LoRANetwork":
         """Modules shaped like a kohya file's (which layers, each module's rank), ready for
         ``load_kohya_state_dict``: the epochs of one run share this shape, so one network serves them all."""
-        if host.family is not ModelFamily.SD1:
-            raise NotImplementedError(f"LoRA files for {host.family.value} are not supported yet.")
-        targets = unet_targets(host.unet, with_convs=True)
-        for encoder in host.text_encoders:
-            targets += text_encoder_targets(encoder.module, encoder.key_prefix)
+        unet_part, text_part = _host_targets(host, with_convs=True)
+        targets = unet_part + text_part
         file_keys = {key.split(".", 1)[0] for key in state}
         unknown = file_keys - {target.key for target in targets}
         if unknown:
@@ -76,11 +78,11 @@ class LoRANetwork(nn.Module):
                 if target.key in file_keys:
                     rank = state[f"{target.key}.lora_down.weight"].shape[0]
                     alpha = float(state[f"{target.key}.alpha"])
-                    modules.append(LoRAModule(target.key, target.module, rank, alpha, device=host.device))
+                    modules.append(LoRAModule(target.key, target.module, rank, alpha, device=host.device,
+                                              fused_part=target.fused_part))
             return modules
 
-        unet_keys = {target.key for target in unet_targets(host.unet, with_convs=True)}
-        network = cls(build([t for t in targets if t.key in unet_keys]), build([t for t in targets if t.key not in unet_keys]))
+        network = cls(build(unet_part), build(text_part))
         network.load_kohya_state_dict(state)
         return network
 
@@ -91,10 +93,14 @@ class LoRANetwork(nn.Module):
     def attach(self) -> None:
         for module in self.modules_in_order():
             module.attach()
+        for fused in self._fused:
+            fused.attach()
 
     def detach(self) -> None:
         for module in self.modules_in_order():
             module.detach()
+        for fused in self._fused:
+            fused.detach()
 
     @contextmanager
     def attached(self) -> Iterator["LoRANetwork"]:
@@ -138,3 +144,8 @@ class LoRANetwork(nn.Module):
                            "name": "text_encoder"})
         return groups
 
+
+
+def _host_targets(host: TrainingHost, with_convs: bool) -> tuple[list[LoraTarget], list[LoraTarget]]:
+    encoders = [(encoder.module, encoder.key_prefix) for encoder in host.text_encoders]
+    return model_targets(host.family, host.unet, encoders, with_convs)

@@ -25,11 +25,17 @@ def autocast_enabled(device_type: str) -> bool:
 
 class LoRAModule(nn.Module):
     def __init__(self, key: str, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, fused_part: str | None = None):
         super().__init__()
         self.key = key
         self.rank = rank
-        if isinstance(base, nn.Linear):
+        # A part (q, k, v, out) of a fused attention adds its term through that attention's FusedAttentionLoRA.
+        self.fused_part = fused_part
+        if fused_part is not None:
+            width = base.embed_dim
+            self.lora_down = nn.Linear(width, rank, bias=False)
+            self.lora_up = nn.Linear(rank, width, bias=False)
+        elif isinstance(base, nn.Linear):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
         elif isinstance(base, nn.Conv2d):
@@ -49,7 +55,7 @@ class LoRAModule(nn.Module):
             nn.init.zeros_(self.lora_up.weight)
         # On the compute device, not necessarily the base layer's: under the WebUI's --medvram the base
         # layers wait on the CPU between forwards.
-        device = device or base.weight.device
+        device = device or next(base.parameters()).device
         self.to(device=device, dtype=torch.float32)
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
         self.multiplier: float | torch.Tensor = 1.0
@@ -77,7 +83,7 @@ class LoRAModule(nn.Module):
         return output + self.delta(args[0]).to(output.dtype)
 
     def attach(self) -> None:
-        if self._handle is None:
+        if self._handle is None and self.fused_part is None:
             self._handle = self._base[0].register_forward_hook(self._hook)
 
     def detach(self) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from ..common.errors import ConfigError, DatasetError, TrainingDiverged
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
-from ..hosts.protocol import Progress, TrainingHost
+from ..hosts.protocol import Progress, TextEmbedding, TrainingHost
 from .config import TrainConfig
 from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
 from .metadata import RunFacts, lora_metadata, sidecar
@@ -97,7 +97,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
                     if host.should_stop():
                         raise _StopRequested
                     with autocast:
-                        cond = conditioning.encode(batch.captions)
+                        cond = host.unet_conditioning(conditioning.encode(batch.captions), batch.sizes)
                         noisy, noise, timesteps = add_noise(batch.latents, alphas_cumprod, generator, config.noise_offset)
                         prediction = host.predict(noisy, timesteps, cond)
                     target = training_target(host.prediction_type, batch.latents, noise, alphas_cumprod, timesteps)
@@ -196,12 +196,13 @@ def _cache_latents(host: TrainingHost, data: TrainingData) -> None:
 
 
 class _ConditioningCache:
-    """With a frozen text encoder and fixed captions, each caption is encoded once."""
+    """With frozen text encoders and fixed captions, each caption is encoded once (a tensor, or SDXL's dict of
+    tensors, per caption)."""
 
     def __init__(self, host: TrainingHost, cacheable: bool):
         self.host = host
         self.cacheable = cacheable
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, TextEmbedding] = {}
 
     def prefill(self, captions: list[str], chunk: int = 16) -> None:
         unique = sorted(set(captions))
@@ -209,24 +210,35 @@ class _ConditioningCache:
             if self.cacheable:
                 self.encode(unique[start:start + chunk])
 
-    def encode(self, captions: list[str]):
+    def encode(self, captions: list[str]) -> TextEmbedding:
         if not self.cacheable:
             return self.host.encode_captions(captions)
         missing = sorted({c for c in captions if c not in self.cache})
         if missing:
             with torch.no_grad():
                 encoded = self.host.encode_captions(missing)
-            if not isinstance(encoded, torch.Tensor):  # dict conditioning (SDXL): not cached
-                self.cacheable = False
-                return self.host.encode_captions(captions)
-            self.cache.update(zip(missing, encoded))
+            self.cache.update(zip(missing, _per_sample(encoded, len(missing))))
         cached = [self.cache[c] for c in captions]
-        if len({t.shape for t in cached}) > 1:
+        if len({_shape(t) for t in cached}) > 1:
             # Captions over 75 tokens take more 77-token chunks (the WebUI's text path): encoded together,
             # the batch is padded to a common length.
             with torch.no_grad():
                 return self.host.encode_captions(captions)
+        if isinstance(cached[0], dict):
+            return {name: torch.stack([t[name] for t in cached]) for name in cached[0]}
         return torch.stack(cached)
+
+
+def _per_sample(encoded: TextEmbedding, count: int) -> list[TextEmbedding]:
+    if isinstance(encoded, dict):
+        return [{name: tensor[i] for name, tensor in encoded.items()} for i in range(count)]
+    return list(encoded)
+
+
+def _shape(embedding: TextEmbedding) -> tuple:
+    if isinstance(embedding, dict):
+        return tuple((name, tuple(t.shape)) for name, t in sorted(embedding.items()))
+    return tuple(embedding.shape)
 
 
 def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,

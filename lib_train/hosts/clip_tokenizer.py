@@ -77,3 +77,22 @@ def clip_tokenizer():
         unk_token=_SPECIAL[1],
         model_max_length=77,
     )
+
+
+def chunked_token_ids(captions: list[str], pad_id: int) -> list:
+    """Token ids as the WebUI feeds a CLIP text encoder: 75 tokens per chunk, each chunk framed by start and end
+    tokens and padded to 77 with ``pad_id``; every caption gets as many chunks as the longest one (B, 77·k)."""
+    import torch
+
+    tokenizer = clip_tokenizer()
+    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = tokenizer(captions, add_special_tokens=False, truncation=False)["input_ids"]
+    chunks = max(1, *(-(-len(caption_ids) // 75) for caption_ids in ids))
+    rows = []
+    for caption_ids in ids:
+        row = []
+        for index in range(chunks):
+            part = caption_ids[index * 75:(index + 1) * 75]
+            row += [start, *part, end] + [pad_id] * (75 - len(part))
+        rows.append(row)
+    return torch.tensor(rows)

@@ -19,6 +19,19 @@ from torch import nn
 # SD1/SD2 condition the UNet on a tensor (B, 77*k, C). SDXL uses a dict with "crossattn" and
 # "vector" (pooled text + size/crop embeddings); the engine passes it through untouched.
 Conditioning = Union[torch.Tensor, dict[str, torch.Tensor]]
+# What the text encoders give for a batch of captions, batch first: a tensor (SD1/SD2), or a dict of tensors
+# (SDXL: "crossattn" and "pooled"). It depends on the captions only, so it can be cached per caption.
+TextEmbedding = Union[torch.Tensor, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SizeCondition:
+    """The sizes SDXL is conditioned on for one training picture, (height, width) as sgm orders them:
+    the picture's own size, the top-left corner of the crop in the resized picture, the bucket's size."""
+
+    original_hw: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_hw: tuple[int, int]
 
 
 class ModelFamily(str, Enum):
@@ -92,8 +105,11 @@ class TrainingHost(Protocol):
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's original training noise schedule, float32, shape (1000,)."""
 
-    def encode_captions(self, captions: list[str]) -> Conditioning:
-        """Text conditioning for the UNet. Runs with grad enabled when the engine trains the TE."""
+    def encode_captions(self, captions: list[str]) -> TextEmbedding:
+        """The text encoders' output for the captions. Runs with grad enabled when the engine trains the TE."""
+
+    def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
+        """What ``predict`` takes for a batch: the text embedding, plus (SDXL) the size embeddings of each picture."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents the UNet expects (already multiplied by the VAE scale factor).

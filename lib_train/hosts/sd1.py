@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CheckpointError
+from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint, rebuild_position_ids
 
 # configs/v1-inference.yaml of the WebUI, unet_config / first_stage_config params.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -78,11 +79,11 @@ def build_tiny_sd1(seed: int = 0) -> SD1Model:
     so the UNet output depends on its input and a LoRA can change it."""
     torch.manual_seed(seed)
     model = build_sd1(TINY_UNET, TINY_VAE, TINY_TEXT)
-    _randomise_zero_weights(model.unet, seed)
+    randomise_zero_weights(model.unet, seed)
     return model
 
 
-def _randomise_zero_weights(module: nn.Module, seed: int) -> None:
+def randomise_zero_weights(module: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in module.parameters():
@@ -92,56 +93,19 @@ def _randomise_zero_weights(module: nn.Module, seed: int) -> None:
 
 def load_sd1_checkpoint(path: str | Path, unet_config: dict = SD15_UNET, vae_config: dict = SD15_VAE,
                        text_config: dict = SD15_TEXT) -> SD1Model:
-    """Load an SD1.x ``.safetensors`` checkpoint in the original LDM key layout. No pickle is ever read.
+    """Load an SD1.x ``.safetensors`` checkpoint in the original LDM key layout.
 
     The configs default to SD1.5's; tests pass the tiny ones."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path}")
-    if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path.name}: only .safetensors checkpoints can be loaded (pickled .ckpt/.pt files "
-                              "can run code when opened). Convert it to safetensors first.")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file: {error}") from None
-
-    if not any(key.startswith("model.diffusion_model.") for key in state):
-        raise CheckpointError(f"{path.name} has no UNet weights in the LDM layout (model.diffusion_model.*); "
-                              "diffusers folders and LoRA files are not checkpoints.")
-    if any(key.startswith("conditioner.") for key in state):
-        raise CheckpointError(f"{path.name} is an SDXL checkpoint; only SD1.x is supported for now.")
-    if any(key.startswith("cond_stage_model.model.") for key in state):
-        raise CheckpointError(f"{path.name} is an SD2.x checkpoint; only SD1.x is supported for now.")
-
-    # Build on the meta device and adopt the file's tensors: no random init, no second copy in RAM.
+    state = read_checkpoint(path)
+    family = checkpoint_family(state)
+    if family != "sd1":
+        label = {"sdxl": "an SDXL", "sd2": "an SD2.x"}.get(family, family)
+        raise CheckpointError(f"{path.name} is {label} checkpoint, not SD1.x.")
     with torch.device("meta"):
         model = build_sd1(unet_config, vae_config, text_config)
-    ours = model.state_dict()
-    wanted = {k: v for k, v in state.items() if k in ours}
-    missing = sorted(set(ours) - set(wanted) - {"cond_stage_model.transformer.text_model.embeddings.position_ids"})
-    if missing:
-        raise CheckpointError(f"{path.name} does not look like an SD1.x checkpoint: {len(missing)} weights are "
-                              f"missing, e.g. {missing[0]}.")
-    mismatched = [k for k, v in wanted.items() if v.shape != ours[k].shape]
-    if mismatched:
-        raise CheckpointError(f"{path.name}: {mismatched[0]} has shape {tuple(wanted[mismatched[0]].shape)}, "
-                              f"SD1.x needs {tuple(ours[mismatched[0]].shape)}.")
-    model.load_state_dict(wanted, strict=False, assign=True)
-    _rebuild_position_ids(model.text_encoder)
-    still_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_empty:
-        raise CheckpointError(f"{path.name}: no value for {still_empty[0]}.")
+    adopt_weights(model, state, path.name, "SD1.x", {"cond_stage_model.transformer.text_model.embeddings.position_ids"})
+    rebuild_position_ids(model.text_encoder)
+    check_nothing_left_on_meta(model, path.name)
     model.float()
     return model.eval()
-
-
-def _rebuild_position_ids(text_encoder: nn.Module) -> None:
-    """CLIP's position_ids is a non-persistent buffer, so it is still on the meta device after loading."""
-    for module in text_encoder.modules():
-        ids = module._buffers.get("position_ids")
-        if ids is not None and ids.is_meta:
-            module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape)

@@ -7,7 +7,7 @@ import torch
 from .attention import sdpa_attention
 from .clip_tokenizer import clip_tokenizer
 from .prompt_syntax import literal_caption
-from .protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
+from .protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, SizeCondition, TextEmbedding, TextEncoder
 from .sd1 import VAE_SCALE_FACTOR, SD1Model, sd1_alphas_cumprod
 
 
@@ -56,7 +56,7 @@ class StandaloneHost:
     def alphas_cumprod(self) -> torch.Tensor:
         return sd1_alphas_cumprod().to(self.device)
 
-    def encode_captions(self, captions: list[str]) -> Conditioning:
+    def encode_captions(self, captions: list[str]) -> TextEmbedding:
         # Escaped brackets (as taggers write them for the WebUI) are the brackets themselves.
         tokens = self.tokenizer([literal_caption(c) for c in captions], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         input_ids = tokens.input_ids.to(self.device)
@@ -72,6 +72,9 @@ class StandaloneHost:
         noise = torch.randn(distribution.mean.shape, generator=self._generator, device=self.device,
                             dtype=distribution.mean.dtype)
         return ((distribution.mean + distribution.std * noise) * VAE_SCALE_FACTOR).float()
+
+    def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
+        return text  # SD1 is not conditioned on sizes
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.model.unet(noisy_latents, timesteps, context=cond)

@@ -19,7 +19,7 @@ import torch
 
 from ..common.errors import ConfigError
 from ..hosts.prompt_syntax import escape_caption
-from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, TextEncoder
+from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, SizeCondition, TextEmbedding, TextEncoder
 
 TRAINING_ATTENTION = "sdp - scaled dot product"
 @dataclass
@@ -123,7 +123,7 @@ class WebUIHost:
             schedule = self.sd_model.alphas_cumprod
         return schedule.detach().to(self.device, torch.float32)
 
-    def encode_captions(self, captions: list[str]) -> Conditioning:
+    def encode_captions(self, captions: list[str]) -> TextEmbedding:
         return self.sd_model.cond_stage_model([escape_caption(c) for c in captions])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,9 @@ class WebUIHost:
             images01 = (pixels.float() + 1.0) / 2.0
             latents = self.webui.sd_samplers_common.images_tensor_to_samples(images01, 0, self.sd_model)
         return latents.float()
+
+    def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
+        return text  # SD1 is not conditioned on sizes
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.sd_model.apply_model(noisy_latents, timesteps, cond)

@@ -1,0 +1,80 @@
+"""Reading a checkpoint in the original (LDM/sgm) key layout into a model built on the meta device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common.errors import CheckpointError
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` checkpoint. No pickle is ever read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path.name}: only .safetensors checkpoints can be loaded (pickled .ckpt/.pt files "
+                              "can run code when opened). Convert it to safetensors first.")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name} is not a readable safetensors file: {error}") from None
+    if not any(key.startswith("model.diffusion_model.") for key in state):
+        raise CheckpointError(f"{path.name} has no UNet weights in the LDM layout (model.diffusion_model.*); "
+                              "diffusers folders and LoRA files are not checkpoints.")
+    return state
+
+
+def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
+    """"sd1", "sd2", "sdxl", or a description of a model Train Tools cannot train, as the WebUI tells them apart."""
+    if any(key.startswith("conditioner.") for key in state):
+        if "conditioner.embedders.0.model.ln_final.weight" in state:  # the refiner has only OpenCLIP bigG
+            return "an SDXL refiner"
+        unet_input = state.get("model.diffusion_model.input_blocks.0.0.weight")
+        if unet_input is not None and unet_input.shape[1] != 4:
+            return "an SDXL inpainting model"
+        return "sdxl"
+    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in state):
+        return "SD3"
+    if any(key.startswith("model.diffusion_model.double_blocks.") for key in state):
+        return "Flux"
+    if any(key.startswith("cond_stage_model.model.") for key in state):
+        return "sd2"
+    return "sd1"
+
+
+def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], file_name: str, family_label: str,
+                  not_in_file: set[str] = frozenset()) -> None:
+    """Give a meta-device model the file's tensors (no random init, no second copy in RAM). Every weight must
+    be in the file with the right shape, except the names in ``not_in_file`` (non-persistent or rebuilt)."""
+    ours = model.state_dict()
+    wanted = {k: v for k, v in state.items() if k in ours}
+    missing = sorted(set(ours) - set(wanted) - set(not_in_file))
+    if missing:
+        raise CheckpointError(f"{file_name} does not look like an {family_label} checkpoint: {len(missing)} weights "
+                              f"are missing, e.g. {missing[0]}.")
+    mismatched = [k for k, v in wanted.items() if v.shape != ours[k].shape]
+    if mismatched:
+        raise CheckpointError(f"{file_name}: {mismatched[0]} has shape {tuple(wanted[mismatched[0]].shape)}, "
+                              f"{family_label} needs {tuple(ours[mismatched[0]].shape)}.")
+    model.load_state_dict(wanted, strict=False, assign=True)
+
+
+def rebuild_position_ids(text_encoder: nn.Module) -> None:
+    """CLIP's position_ids is a non-persistent buffer, so it is still on the meta device after loading."""
+    for module in text_encoder.modules():
+        ids = module._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape)
+
+
+def check_nothing_left_on_meta(model: nn.Module, file_name: str) -> None:
+    still_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise CheckpointError(f"{file_name}: no value for {still_empty[0]}.")
