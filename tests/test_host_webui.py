@@ -158,9 +158,17 @@ def test_refusals(live):
     with pytest.raises(ConfigError, match="--lowvram"):
         WebUIHost(webui)
     webui.shared.cmd_opts.lowvram = False
-    webui.shared.sd_model.is_sd1, webui.shared.sd_model.is_sdxl = False, True
-    with pytest.raises(ConfigError, match="SDXL"):
+    model = webui.shared.sd_model
+    model.is_sd1, model.is_sd2 = False, True
+    with pytest.raises(ConfigError, match="the loaded model is SD2.x"):
         WebUIHost(webui)
+    model.is_sd2, model.is_sdxl = False, True  # an SDXL without CLIP-L: the refiner
+    with pytest.raises(ConfigError, match="SDXL refiner"):
+        WebUIHost(webui)
+    model.is_sdxl_inpaint = True
+    with pytest.raises(ConfigError, match="SDXL inpainting"):
+        WebUIHost(webui)
+    model.is_sd1, model.is_sdxl, model.is_sdxl_inpaint = True, False, False
 
 
 def test_medvram_trains_unet_only(live):

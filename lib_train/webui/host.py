@@ -39,8 +39,37 @@ class WebUI:
     networks: ModuleType | SimpleNamespace | None = None
 
 
+def model_family(sd_model) -> ModelFamily:
+    """The loaded model's family, or a message naming what Train Tools cannot train."""
+    if getattr(sd_model, "is_sdxl", False):
+        if getattr(sd_model, "is_sdxl_inpaint", False):
+            raise ConfigError("The loaded model is an SDXL inpainting checkpoint; Train Tools trains on SDXL base "
+                              "models (SDXL, Pony, Illustrious, NoobAI, Animagine …). Load one of those first.")
+        embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
+        if not any(getattr(e, "input_key", None) == "txt" and hasattr(getattr(e, "wrapped", None), "transformer")
+                   for e in embedders):
+            raise ConfigError("The loaded model is an SDXL refiner (it has only the OpenCLIP text encoder); LoRA is "
+                              "trained on an SDXL base model. Load one first.")
+        return ModelFamily.SDXL
+    if getattr(sd_model, "is_sd1", False) and not getattr(sd_model, "is_sd2", False):
+        return ModelFamily.SD1
+    kind = ("SD2.x" if getattr(sd_model, "is_sd2", False) else "SD3" if getattr(sd_model, "is_sd3", False)
+            else type(sd_model).__name__)
+    raise ConfigError(f"Train Tools trains on SD1.x and SDXL checkpoints; the loaded model is {kind}. "
+                      "Load an SD1.x or SDXL checkpoint in the WebUI first.")
+
+
+def webui_host(webui: WebUI, **kwargs) -> "WebUIHost":
+    """The host for the WebUI's loaded model, of its family."""
+    if model_family(webui.shared.sd_model) is ModelFamily.SDXL:
+        from .host_sdxl import WebUISDXLHost
+        return WebUISDXLHost(webui, **kwargs)
+    return WebUIHost(webui, **kwargs)
+
+
 class WebUIHost:
-    """Implements ``TrainingHost`` over ``shared.sd_model``; progress goes to ``shared.state``."""
+    """Implements ``TrainingHost`` over ``shared.sd_model`` (SD1; ``WebUISDXLHost`` for SDXL); progress goes
+    to ``shared.state``."""
 
     def __init__(self, webui: WebUI, *, seed: int = 0, on_progress: Callable[[Progress], None] | None = None,
                  stop_requested: Callable[[], bool] = lambda: False):
@@ -52,11 +81,7 @@ class WebUIHost:
         model = self.sd_model
         if getattr(webui.shared.cmd_opts, "lowvram", False):
             raise ConfigError("Training is not possible with --lowvram: restart the WebUI without it (--medvram works).")
-        if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False) or not getattr(model, "is_sd1", True):
-            kind = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "this"
-            raise ConfigError(f"Train Tools trains on SD1.x checkpoints for now; the loaded model is {kind}. "
-                              "Load an SD1.x checkpoint in the WebUI first.")
-        self.family = ModelFamily.SD1
+        self.family = model_family(model)
         self.prediction_type = PredictionType.V if getattr(model, "parameterization", "eps") == "v" else PredictionType.EPSILON
         self.unet = model.model.diffusion_model
         self.device = torch.device(webui.devices.device)

@@ -29,7 +29,7 @@ from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model
-from .host import WebUI, WebUIHost
+from .host import WebUI, WebUIHost, webui_host
 from .path_policy import confine
 
 
@@ -165,7 +165,7 @@ class TrainingJobs:
         """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
 
         def work() -> None:
-            host = WebUIHost(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
+            host = webui_host(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
                              stop_requested=self._stop.is_set)
             if host.medvram and config.train_text_encoder:
                 raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
@@ -190,7 +190,7 @@ class TrainingJobs:
 
         def work() -> None:
             job.kind = "grid"
-            host = WebUIHost(self.webui, stop_requested=self._stop.is_set)
+            host = webui_host(self.webui, stop_requested=self._stop.is_set)
             check = check_base_model(self.webui, read_lora_metadata(request.rows[0].path) or {})
             if not check.matches:
                 hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
