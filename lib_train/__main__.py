@@ -1,6 +1,6 @@
 """Headless training: ``python -m lib_train train --config FILE [--checkpoint PATH] [--device cuda]``.
 
-With ``--checkpoint`` it trains on an SD1.x ``.safetensors`` checkpoint; without, on the built-in tiny
+With ``--checkpoint`` it trains on an SD1.x or SDXL ``.safetensors`` checkpoint; without, on the built-in tiny
 model (a demo that runs in seconds on a CPU and writes a real kohya-format LoRA).
 """
 
@@ -21,7 +21,9 @@ from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
 from .hosts.protocol import BaseModelInfo, Progress
 from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
+from .hosts.sdxl import SDXLModel, load_sdxl_checkpoint
 from .hosts.standalone import StandaloneHost
+from .hosts.standalone_sdxl import StandaloneSDXLHost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a LoRA from a TOML config")
     train.add_argument("--config", required=True, help="TOML file with the training settings")
-    train.add_argument("--checkpoint", help="SD1.x .safetensors checkpoint (default: the built-in tiny demo model)")
+    train.add_argument("--checkpoint", help="SD1.x or SDXL .safetensors checkpoint (default: the built-in tiny demo model)")
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
     args = parser.parse_args(argv)
@@ -66,21 +68,35 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig) -> Stan
         model, info = build_tiny_sd1(seed=0), BaseModelInfo(name="train-tools-tiny-demo")
     else:
         path = Path(checkpoint)
-        model = load_sd1_checkpoint(path)
+        model = load_sdxl_checkpoint(path) if _is_sdxl_file(path) else load_sd1_checkpoint(path)
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
     # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype. Norm layers
     # stay float32: ldm's GroupNorm32 computes in float32 and CPU autocast does not cast its weights. The VAE
     # stays float32 so latents are cached at full precision.
     weights_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     if weights_dtype is not None:
-        for module in (model.unet, model.text_encoder):
+        text_encoders = [model.text_encoder_1, model.text_encoder_2] if isinstance(model, SDXLModel) else [model.text_encoder]
+        for module in (model.unet, *text_encoders):
             module.to(weights_dtype)
         for norm in model.unet.modules():
             if isinstance(norm, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 norm.float()
     print(f"model ready in {time.time() - started:.1f}s", file=sys.stderr)
-    return StandaloneHost(model, device=device, clip_skip=config.clip_skip, base_model=info,
+    host_class = StandaloneSDXLHost if isinstance(model, SDXLModel) else StandaloneHost
+    return host_class(model, device=device, clip_skip=config.clip_skip, base_model=info,
                           on_progress=_print_progress, seed=config.seed)
+
+
+def _is_sdxl_file(path: Path) -> bool:
+    """SDXL checkpoints hold the conditioner's weights; read from the header only (the loader checks the rest)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False  # the SD1 loader names the problem
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return any(key.startswith("conditioner.") for key in handle.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def _print_progress(progress: Progress) -> None:

@@ -286,3 +286,36 @@ def test_nan_and_exception_leave_the_sdxl_host_as_it_was(sdxl_host, tmp_path, mo
     monkeypatch.undo()
     assert fingerprint(sdxl_host.model) == before and hook_count(sdxl_host.model) == 0
     assert not (tmp_path / "out").exists()
+
+
+# --- the WebUI adapter ---------------------------------------------------------------------------------------
+
+
+def test_webui_sdxl_host_conditions_as_the_standalone_and_restores_the_live_model(tmp_path):
+    from lib_train.webui.host import webui_host
+    from lib_train.webui.host_sdxl import WebUISDXLHost
+
+    from .webui_standin_sdxl import make_sdxl_webui
+
+    webui = make_sdxl_webui(tmp_path / "Lora")
+    host = webui_host(webui)
+    assert isinstance(host, WebUISDXLHost) and host.family is ModelFamily.SDXL
+    reference = webui.shared.sd_model.reference[0]
+    sizes = [SizeCondition((96, 160), (0, 21), (64, 64))]
+    with torch.no_grad():
+        ours = host.unet_conditioning(host.encode_captions(["hat (object)"]), sizes)
+        theirs = reference.unet_conditioning(reference.encode_captions(["hat (object)"]), sizes)
+    assert torch.allclose(ours["crossattn"], theirs["crossattn"]) and torch.allclose(ours["vector"], theirs["vector"])
+
+    model = webui.shared.sd_model
+    model.first_stage_model.half()  # the WebUI's fp16 VAE: latents are encoded in float32, the VAE given back
+    webui.devices.dtype_vae = torch.float16
+    before = fingerprint(model)
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    with host.training_session():
+        result = train_lora(host, tiny_config(tmp_path / "data", tmp_path / "out", epochs=1))
+    assert result.steps == 1 and fingerprint(model) == before and hook_count(model) == 0
+    assert webui.devices.dtype_vae is torch.float16
+    state = load_file(str(result.saved_files[-1]))
+    assert any(k.startswith("lora_te2_") for k in state) and any(k.startswith("lora_te1_") for k in state)
+    assert any(state[k].abs().sum() > 0 for k in state if k.startswith("lora_te2_") and "lora_up" in k)

@@ -16,6 +16,7 @@ class StandaloneHost:
 
     family = ModelFamily.SD1
     prediction_type = PredictionType.EPSILON
+    vae_scale_factor = VAE_SCALE_FACTOR
 
     def __init__(
         self,
@@ -71,7 +72,7 @@ class StandaloneHost:
         distribution = vae.encode(pixels.to(self.device, next(vae.parameters()).dtype))
         noise = torch.randn(distribution.mean.shape, generator=self._generator, device=self.device,
                             dtype=distribution.mean.dtype)
-        return ((distribution.mean + distribution.std * noise) * VAE_SCALE_FACTOR).float()
+        return ((distribution.mean + distribution.std * noise) * self.vae_scale_factor).float()
 
     def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
         return text  # SD1 is not conditioned on sizes

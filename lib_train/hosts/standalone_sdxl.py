@@ -20,6 +20,7 @@ from .standalone import StandaloneHost
 
 class StandaloneSDXLHost(StandaloneHost):
     family = ModelFamily.SDXL
+    vae_scale_factor = VAE_SCALE_FACTOR
 
     model: SDXLModel
 
@@ -50,13 +51,6 @@ class StandaloneSDXLHost(StandaloneHost):
         pooled = text["pooled"]
         embedded = [size_embeddings(n.to(self.device), dim).to(pooled.dtype) for n in numbers]
         return {"crossattn": text["crossattn"], "vector": torch.cat([pooled, *embedded], dim=1)}
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        distribution = vae.encode(pixels.to(self.device, next(vae.parameters()).dtype))
-        noise = torch.randn(distribution.mean.shape, generator=self._generator, device=self.device,
-                            dtype=distribution.mean.dtype)
-        return ((distribution.mean + distribution.std * noise) * VAE_SCALE_FACTOR).float()
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         unet = self.model.unet
