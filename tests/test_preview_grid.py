@@ -262,3 +262,22 @@ def test_background_grid_holds_the_queue_lock(trained):
         jobs._track_grid = original
     assert job.state == "done", job.error
     assert held and all(held)
+
+
+def test_an_sd1_lora_on_a_loaded_sdxl_model_is_refused(trained):
+    from .webui_standin_sdxl import SDXLModel
+
+    webui, jobs, root = trained
+    sd1_model = webui.shared.sd_model
+    webui.shared.sd_model = SDXLModel()
+    webui.shared.sd_model.sd_checkpoint_info = sd1_model.sd_checkpoint_info
+    before = fingerprint(webui.shared.sd_model)
+    try:
+        request = jobs.prepare_grid(grid_values())
+        job = jobs.run_grid(jobs.begin(), request)
+        assert fingerprint(webui.shared.sd_model) == before
+    finally:
+        webui.shared.sd_model = sd1_model
+    assert job.state == "failed"
+    assert "gridlora is an SD1.x LoRA and the loaded model is SDXL" in job.error
+    assert not (request.out_dir / "grid.png").exists()

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..common.errors import ConfigError
+from ..hosts.protocol import ModelFamily
 from ..engine.network import LoRANetwork
 from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
 from .host import WebUI, WebUIHost
@@ -203,3 +204,14 @@ def check_base_model(webui: WebUI, metadata: dict[str, str]) -> BaseModelCheck:
     sd_models = getattr(webui, "sd_models", None)
     match = next((c for c in getattr(sd_models, "checkpoints_list", {}).values() if same(c)), None)
     return BaseModelCheck(False, trained_name, info.title, match.title if match else None)
+
+
+def lora_family(metadata: dict[str, str]) -> ModelFamily | None:
+    """The family a LoRA file was trained for, read as the WebUI's Lora reads it (ss_base_model_version, ss_v2)."""
+    if not metadata:
+        return None
+    if metadata.get("ss_base_model_version", "").startswith("sdxl_"):
+        return ModelFamily.SDXL
+    if metadata.get("ss_v2") == "True":
+        return ModelFamily.SD2
+    return ModelFamily.SD1

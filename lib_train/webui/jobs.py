@@ -24,12 +24,13 @@ from ..engine.config import TrainConfig
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
 from ..engine.train import train_lora
-from ..hosts.protocol import Progress
+from ..hosts.protocol import ModelFamily, Progress
 from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
-from .grid_render import check_base_model
+from .grid_render import check_base_model, lora_family
 from .host import WebUI, WebUIHost, webui_host
+
 from .path_policy import confine
 
 
@@ -191,7 +192,13 @@ class TrainingJobs:
         def work() -> None:
             job.kind = "grid"
             host = webui_host(self.webui, stop_requested=self._stop.is_set)
-            check = check_base_model(self.webui, read_lora_metadata(request.rows[0].path) or {})
+            metadata = read_lora_metadata(request.rows[0].path) or {}
+            trained_family = lora_family(metadata)
+            if trained_family is not None and trained_family is not host.family:
+                names = {ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL"}
+                raise ConfigError(f"{request.name} is an {names[trained_family]} LoRA and the loaded model is "
+                                  f"{names[host.family]}: load the checkpoint it was trained on for its preview grid.")
+            check = check_base_model(self.webui, metadata)
             if not check.matches:
                 hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
                         " That checkpoint is not in the WebUI's list; the grid would not show what you trained.")
