@@ -112,11 +112,21 @@ class WebUIHost:
         the user's attention optimisation and cleared conditioning caches afterwards, memory given back."""
         self.unmerge_builtin_lora()
         self.clear_conditioning_caches()
+        # The WebUI's undo of an attention optimisation puts ldm's AttnBlock forward on sgm's AttnBlock too (the
+        # SDXL VAE then decodes slightly differently): every class-level forward of the model is put back as it was.
+        classes = {type(module) for module in self.sd_model.modules()}
+        forwards = {cls: cls.__dict__.get("forward") for cls in classes}
         self.webui.sd_hijack.apply_optimizations(TRAINING_ATTENTION)
         try:
             yield
         finally:
             self.webui.sd_hijack.model_hijack.apply_optimizations()
+            for cls, forward in forwards.items():
+                if cls.__dict__.get("forward") is not forward:
+                    if forward is None:
+                        delattr(cls, "forward")
+                    else:
+                        setattr(cls, "forward", forward)
             self.clear_conditioning_caches()
             self.webui.devices.torch_gc()
 
