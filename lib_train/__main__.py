@@ -19,7 +19,7 @@ from .common.errors import TrainToolsError
 from .engine.config import TrainConfig
 from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
-from .hosts.protocol import BaseModelInfo, Progress
+from .hosts.protocol import BaseModelInfo, PredictionType, Progress
 from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
 from .hosts.sdxl import SDXLModel, load_sdxl_checkpoint
 from .hosts.standalone import StandaloneHost
@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help="TOML file with the training settings")
     train.add_argument("--checkpoint", help="SD1.x or SDXL .safetensors checkpoint (default: the built-in tiny demo model)")
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    train.add_argument("--v-prediction", action="store_true",
+                       help="the checkpoint predicts velocity (read from its 'v_pred' key when it has one)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
     args = parser.parse_args(argv)
     started = time.time()
 
     try:
         config = TrainConfig.from_toml(args.config).validate()
-        host = _load_host(args.checkpoint, args.device, config)
+        host = _load_host(args.checkpoint, args.device, config, args.v_prediction)
         loading_seconds = time.time() - started
         result = train_lora(host, config)
     except TrainToolsError as error:
@@ -62,13 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_host(checkpoint: str | None, device: str, config: TrainConfig) -> StandaloneHost:
+def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_prediction: bool) -> StandaloneHost:
     started = time.time()
     if checkpoint is None:
         model, info = build_tiny_sd1(seed=0), BaseModelInfo(name="train-tools-tiny-demo")
     else:
         path = Path(checkpoint)
-        model = load_sdxl_checkpoint(path) if _is_sdxl_file(path) else load_sd1_checkpoint(path)
+        keys = _header_keys(path)
+        # NoobAI's v-prediction releases mark themselves with an empty 'v_pred' tensor (the WebUI's dev branch
+        # reads the same key).
+        v_prediction = v_prediction or "v_pred" in keys
+        is_sdxl = any(key.startswith("conditioner.") for key in keys)
+        model = load_sdxl_checkpoint(path) if is_sdxl else load_sd1_checkpoint(path)
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
     # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype. Norm layers
     # stay float32: ldm's GroupNorm32 computes in float32 and CPU autocast does not cast its weights. The VAE
@@ -83,20 +90,22 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig) -> Stan
                 norm.float()
     print(f"model ready in {time.time() - started:.1f}s", file=sys.stderr)
     host_class = StandaloneSDXLHost if isinstance(model, SDXLModel) else StandaloneHost
+    prediction = PredictionType.V if v_prediction else PredictionType.EPSILON
     return host_class(model, device=device, clip_skip=config.clip_skip, base_model=info,
-                          on_progress=_print_progress, seed=config.seed)
+                      on_progress=_print_progress, seed=config.seed, prediction_type=prediction)
 
 
-def _is_sdxl_file(path: Path) -> bool:
-    """SDXL checkpoints hold the conditioner's weights; read from the header only (the loader checks the rest)."""
+def _header_keys(path: Path) -> set[str]:
+    """The tensor names of a checkpoint, from its header only (SDXL holds the conditioner's weights); nothing
+    for a file that is not readable safetensors: the loader names that problem."""
     if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return False  # the SD1 loader names the problem
+        return set()
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), "pt") as handle:
-            return any(key.startswith("conditioner.") for key in handle.keys())
+            return set(handle.keys())
     except (SafetensorError, OSError, ValueError):
-        return False
+        return set()
 
 
 def _print_progress(progress: Progress) -> None:

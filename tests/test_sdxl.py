@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lib_train.common.errors import CheckpointError
+from lib_train.common.errors import CheckpointError, ConfigError
 from lib_train.dataset.training_data import TrainingData, scan_training_folder
 from lib_train.engine.lora_names import model_targets
 from lib_train.engine.model_guard import fingerprint, hook_count
 from lib_train.engine.network import LoRANetwork
+from lib_train.engine.loss import zero_terminal_snr
 from lib_train.engine.train import train_lora
-from lib_train.hosts.protocol import ModelFamily, SizeCondition
-from lib_train.hosts.sd1 import load_sd1_checkpoint
+from lib_train.hosts.protocol import ModelFamily, PredictionType, SizeCondition
+from lib_train.hosts.sd1 import load_sd1_checkpoint, sd1_alphas_cumprod
 from lib_train.hosts.sdxl import (TINY_SDXL_SIZE_EMBEDDING, TINY_SDXL_TEXT1, TINY_SDXL_TEXT2, TINY_SDXL_UNET,
                                   build_sdxl, build_tiny_sdxl, load_sdxl_checkpoint)
 from lib_train.hosts.sd1 import TINY_VAE
@@ -324,3 +325,45 @@ def test_webui_sdxl_host_conditions_as_the_standalone_and_restores_the_live_mode
     state = load_file(str(result.saved_files[-1]))
     assert any(k.startswith("lora_te2_") for k in state) and any(k.startswith("lora_te1_") for k in state)
     assert any(state[k].abs().sum() > 0 for k in state if k.startswith("lora_te2_") and "lora_up" in k)
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise_and_keeps_the_first_step():
+    schedule = sd1_alphas_cumprod()
+    rescaled = zero_terminal_snr(schedule)
+    assert rescaled[-1] == 0 and torch.allclose(rescaled[0], schedule[0])
+    assert bool((rescaled[1:] < rescaled[:-1]).all())  # still strictly decreasing noise-free share
+
+
+def test_v_prediction_sdxl_trains_on_velocity_with_zero_terminal_snr(tmp_path):
+    """NoobAI-style: a v-prediction SDXL trained with zero terminal SNR and min-SNR; the velocity loss falls."""
+    host = StandaloneSDXLHost(build_tiny_sdxl(seed=0), prediction_type=PredictionType.V)
+    make_concept_images(tmp_path / "data" / "4_concept", count=4)
+    before = fingerprint(host.model)
+    config = tiny_config(tmp_path / "data", tmp_path / "out", epochs=8, save_every_n_epochs=0, batch_size=4,
+                         unet_lr=1e-2, text_encoder_lr=0.0, conv_rank=4, conv_alpha=4.0, zero_terminal_snr=True,
+                         min_snr_gamma=5.0)
+    result = train_lora(host, config)
+    assert fingerprint(host.model) == before and hook_count(host.model) == 0
+    from safetensors import safe_open
+    with safe_open(str(result.saved_files[-1]), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_zero_terminal_snr"] == "True"
+
+    from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
+    pictures = sorted((tmp_path / "data" / "4_concept").glob("*.png"))
+    with torch.no_grad():
+        latents = host.encode_images(pixels_to_tensor([load_rgb(p) for p in pictures]))
+    captions = [p.with_suffix(".txt").read_text() for p in pictures]
+    sizes = [SizeCondition((64, 64), (0, 0), (64, 64))] * len(captions)
+    schedule = zero_terminal_snr(host.alphas_cumprod())
+    state = load_file(str(result.saved_files[-1]))
+    trained = eval_loss(host, latents, captions, state, sizes, schedule)
+    assert trained < eval_loss(host, latents, captions, None, sizes, schedule) * 0.9
+
+
+def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_anything_is_written(sdxl_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    config = tiny_config(tmp_path / "data", tmp_path / "out", epochs=1, zero_terminal_snr=True)
+    with pytest.raises(ConfigError, match="v-prediction"):
+        train_lora(sdxl_host, config)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))

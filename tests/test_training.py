@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from lib_train.common.errors import ConfigError, TrainingDiverged
 from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
 from lib_train.engine.config import TrainConfig
-from lib_train.engine.loss import add_noise, diffusion_loss
+from lib_train.engine.loss import add_noise, diffusion_loss, training_target
 from lib_train.engine.model_guard import fingerprint, hook_count
 from lib_train.engine.network import LoRANetwork
 from lib_train.engine.train import train_lora
@@ -19,10 +19,11 @@ from lib_train.hosts.standalone import StandaloneHost
 from .conftest import make_concept_images, tiny_config
 
 
-def eval_loss(host, latents, captions, state=None, sizes=None) -> float:
-    """Loss on fixed noise and timesteps, with the given LoRA state attached (or the bare model); ``sizes``
-    for SDXL."""
+def eval_loss(host, latents, captions, state=None, sizes=None, alphas_cumprod=None) -> float:
+    """Loss on fixed noise and timesteps against the host's own target (noise or velocity), with the given LoRA
+    state attached (or the bare model); ``sizes`` for SDXL, ``alphas_cumprod`` for another schedule."""
     generator = torch.Generator().manual_seed(1234)
+    schedule = host.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
     losses = []
     network = None
     if state is not None:
@@ -30,9 +31,10 @@ def eval_loss(host, latents, captions, state=None, sizes=None) -> float:
         network.attach()
     with torch.no_grad():
         for _ in range(8):
-            noisy, noise, t = add_noise(latents, host.alphas_cumprod(), generator)
+            noisy, noise, t = add_noise(latents, schedule, generator)
             cond = host.unet_conditioning(host.encode_captions(captions), sizes)
-            losses.append(float(diffusion_loss(host.predict(noisy, t, cond), noise)))
+            target = training_target(host.prediction_type, latents, noise, schedule, t)
+            losses.append(float(diffusion_loss(host.predict(noisy, t, cond), target)))
     if network is not None:
         network.detach()
     return sum(losses) / len(losses)

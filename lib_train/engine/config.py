@@ -68,6 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     min_snr_gamma: float = 0.0  # 0: off
     noise_offset: float = 0.0
+    zero_terminal_snr: bool = False  # v-prediction models only (NoobAI v-pred was trained with it)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 42

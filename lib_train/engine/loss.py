@@ -33,6 +33,16 @@ def training_target(prediction_type: PredictionType, latents: torch.Tensor, nois
     return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * latents  # velocity
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): shift and scale √ᾱ so the
+    last timestep is pure noise (ᾱ = 0) while the first keeps its value. Trains the model to see the very noise
+    sampling starts from; only meaningful with v-prediction (ε is undefined at SNR 0)."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root ** 2).to(alphas_cumprod.dtype)
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
                     prediction_type: PredictionType) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""

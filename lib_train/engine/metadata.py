@@ -82,7 +82,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_multires_noise_iterations": None,
         "ss_multires_noise_discount": 0.3,
         "ss_adaptive_noise_scale": None,
-        "ss_zero_terminal_snr": False,
+        "ss_zero_terminal_snr": config.zero_terminal_snr,
         "ss_caption_dropout_rate": config.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": 0,
         "ss_caption_tag_dropout_rate": 0.0,

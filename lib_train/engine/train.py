@@ -14,9 +14,9 @@ import torch
 
 from ..common.errors import ConfigError, DatasetError, TrainingDiverged
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
-from ..hosts.protocol import Progress, TextEmbedding, TrainingHost
+from ..hosts.protocol import PredictionType, Progress, TextEmbedding, TrainingHost
 from .config import TrainConfig
-from .loss import add_noise, diffusion_loss, min_snr_weights, training_target
+from .loss import add_noise, diffusion_loss, min_snr_weights, training_target, zero_terminal_snr
 from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
 from .network import LoRANetwork
@@ -45,6 +45,9 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     config.validate()
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
     amp_dtype = _autocast_dtype(config, host)
+    if config.zero_terminal_snr and host.prediction_type is not PredictionType.V:
+        raise ConfigError("Zero terminal SNR needs a v-prediction model (at SNR 0 there is no noise left to predict); "
+                          "the loaded model predicts noise (epsilon). Turn the option off.")
 
     scan = _usable_pictures(config)
     data = config.training_data(scan.records)
@@ -83,6 +86,8 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
             autocast = torch.autocast(host.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             generator = torch.Generator(device=host.device).manual_seed(config.seed)
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
+            if config.zero_terminal_snr:
+                alphas_cumprod = zero_terminal_snr(alphas_cumprod)
             conditioning = _ConditioningCache(host, cacheable=not (config.train_text_encoder or config.shuffle_caption
                                                                    or config.caption_dropout_rate > 0))
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.

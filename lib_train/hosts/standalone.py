@@ -15,7 +15,6 @@ class StandaloneHost:
     """Implements ``TrainingHost`` over an ``SD1Model``; progress goes to a callback (console, test)."""
 
     family = ModelFamily.SD1
-    prediction_type = PredictionType.EPSILON
     vae_scale_factor = VAE_SCALE_FACTOR
 
     def __init__(
@@ -27,8 +26,10 @@ class StandaloneHost:
         base_model: BaseModelInfo | None = None,
         on_progress=None,
         seed: int = 0,
+        prediction_type: PredictionType = PredictionType.EPSILON,
     ):
         self.model = model.to(device)
+        self.prediction_type = prediction_type
         self.device = torch.device(device)
         self.clip_skip = clip_skip
         self.base_model = base_model or BaseModelInfo()
