@@ -47,11 +47,11 @@ from train_tools_ui.webui_context import jobs  # noqa: E402
 
 def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
-        name, trigger = train_page.build_header()
+        name, trigger, base_model = train_page.build_header()
         with gr.Tabs(elem_id="train_tools_pages"):
             # The Dataset page comes first but sets the Train page's folder: its tab is placed now, filled below.
             dataset_tab = gr.Tab("Dataset", elem_id="train_tools_page_dataset")
-            with gr.Tab("Train", elem_id="train_tools_page_train"):
+            with gr.Tab("Train", elem_id="train_tools_page_train") as train_tab:
                 train = train_page.build(name, trigger)
             with gr.Tab("Preview grid", elem_id="train_tools_page_grid"):
                 grid_page.build(name, trigger, train["train_event"])
@@ -59,6 +59,7 @@ def on_ui_tabs():
                 dataset_page.build(name, trigger, train["train_dir"])
         train_page.wire_project_choice(name, trigger, train["train_dir"])
         tab.load(fn=train_page.project_choices, inputs=[], outputs=[name])  # the list as it is when the page loads
+        train_page.wire_family_defaults(train, base_model, [tab.load, train_tab.select])
     return [(tab, "Train Tools", "train_tools")]
 
 

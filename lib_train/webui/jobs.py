@@ -4,6 +4,7 @@ status the tab and the HTTP API both read, and proof that the live model is exac
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from ..common.memory import return_freed_memory
 from ..dataset.project_folders import ProjectFolders
 from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
+from ..engine.family_defaults import family_overrides
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
 from ..engine.train import train_lora
@@ -29,7 +31,7 @@ from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model, lora_family
-from .host import WebUI, WebUIHost, webui_host
+from .host import WebUI, WebUIHost, model_family, webui_host
 
 from .path_policy import confine
 
@@ -86,10 +88,21 @@ class TrainingJobs:
 
     # -- preparing ------------------------------------------------------------------------------
 
+    def family_defaults(self, sd_model) -> dict:
+        """The settings whose default differs for the loaded model's family (SDXL: 1024², UNet only, …); none
+        when no model is loaded or it is one Train Tools refuses (the Train click names that)."""
+        try:
+            family = model_family(sd_model) if sd_model is not None else None
+        except ConfigError:
+            family = None
+        on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
+        return family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None)
+
     def prepare(self, values: dict) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
-        subfolder of the Lora folder, and server paths are confined when the WebUI is exposed."""
-        values = dict(values)
+        subfolder of the Lora folder, and server paths are confined when the WebUI is exposed. Settings the
+        API leaves out take the loaded model's family defaults (the tab sends all of them)."""
+        values = {**self.family_defaults(self.webui.shared.sd_model), **values}
         if "output_dir" in values:
             raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
         name = check_output_name(str(values.get("name", "")))

@@ -16,6 +16,7 @@ from modules import call_queue, sd_models, shared, ui_common
 from lib_train.common.errors import TrainToolsError
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
 from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
+from lib_train.engine.family_defaults import defaults_switch
 
 from .webui_context import jobs
 
@@ -25,7 +26,7 @@ def _setting_components() -> dict[str, gr.components.Component]:
     d = TrainConfig()
     c: dict[str, gr.components.Component] = {}
     with gr.Row():
-        c["resolution"] = gr.Slider(256, 1024, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
+        c["resolution"] = gr.Slider(256, 2048, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
         c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0, elem_id="train_tools_epochs")
         c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder or uploads)", precision=0, elem_id="train_tools_repeats")
         c["batch_size"] = gr.Number(d.batch_size, label="Batch size", precision=0, elem_id="train_tools_batch_size")
@@ -36,7 +37,8 @@ def _setting_components() -> dict[str, gr.components.Component]:
         c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
     with gr.Row():
         c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate", elem_id="train_tools_unet_lr")
-        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only)", elem_id="train_tools_text_encoder_lr")
+        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only, each "
+                                         "caption then encoded once)", elem_id="train_tools_text_encoder_lr")
         c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer", elem_id="train_tools_optimizer")
         c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
         c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
@@ -49,8 +51,11 @@ def _setting_components() -> dict[str, gr.components.Component]:
         c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
         c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
         c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets", elem_id="train_tools_enable_buckets")
+        c["min_bucket_reso"] = gr.Number(d.min_bucket_reso, label="Smallest bucket side", precision=0, elem_id="train_tools_min_bucket_reso")
+        c["max_bucket_reso"] = gr.Number(d.max_bucket_reso, label="Largest bucket side", precision=0, elem_id="train_tools_max_bucket_reso")
         c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation", elem_id="train_tools_flip_aug")
-        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags", elem_id="train_tools_shuffle_caption")
+        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags (captions are then encoded at every "
+                                           "step: slower, more VRAM on SDXL)", elem_id="train_tools_shuffle_caption")
         c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
         c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
         c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
@@ -117,11 +122,14 @@ def _refresh():
     return gr.LinePlot.update(value=_loss_frame(job)), _files_html(job), _status_html(job)
 
 
-def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, *values):
+def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, shown: dict,
+           *values):
     """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun."""
     runner = jobs()
     try:
         settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
+        # A checkpoint of another family loaded since the page showed its defaults: untouched values follow it.
+        settings.update(defaults_switch(settings, shown, runner.family_defaults(shared.sd_model)))
         if uploads:
             settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
         config = runner.prepare(settings)
@@ -135,7 +143,23 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
     return _files_html(job), _status_html(job)
 
 
-def build_header() -> tuple[gr.Dropdown, gr.Textbox]:
+def _follow_loaded_family(keys: list[str], shown: dict, *values) -> list:
+    """When the loaded model's family changed (an SDXL checkpoint picked after SD1.5, or back), the settings still
+    at the old family's defaults take the new family's; what the user typed stays."""
+    wanted = jobs().family_defaults(sd_models.model_data.sd_model)
+    changes = defaults_switch(dict(zip(keys, values)), shown, wanted)
+    return [wanted, _base_model_text(), *[gr.update(value=changes[k]) if k in changes else gr.update() for k in keys]]
+
+
+def wire_family_defaults(train: dict, base_model: gr.Textbox, events: list) -> None:
+    """``events``: the listeners (page load, opening the Train page) after which the form follows the model."""
+    settings = train["settings"]
+    for event in events:
+        event(fn=partial(_follow_loaded_family, list(settings)), inputs=[train["shown_defaults"], *settings.values()],
+              outputs=[train["shown_defaults"], base_model, *settings.values()])
+
+
+def build_header() -> tuple[gr.Dropdown, gr.Textbox, gr.Textbox]:
     """What every page shares: the loaded checkpoint, the LoRA (= project) name and its trigger words.
     The name lists the projects already there (newest first) and takes a new one typed in."""
     with gr.Row():
@@ -148,9 +172,9 @@ def build_header() -> tuple[gr.Dropdown, gr.Textbox]:
         # (shown from the next opening: gradio 3 does not redraw a list that is open).
         name.focus(fn=project_choices, inputs=[], outputs=[name])
         trigger = gr.Textbox(label="Trigger words", placeholder="mychar", elem_id="train_tools_trigger")
-        gr.Textbox(_base_model_text, label="Base model: training and previews use the checkpoint and VAE loaded "
-                   "in the WebUI", interactive=False, elem_id="train_tools_base_model")
-    return name, trigger
+        base_model = gr.Textbox(_base_model_text, label="Base model: training and previews use the checkpoint and "
+                                "VAE loaded in the WebUI", interactive=False, elem_id="train_tools_base_model")
+    return name, trigger, base_model
 
 
 def project_choices() -> dict:
@@ -192,12 +216,14 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             refresh = gr.Button("Refresh", elem_id="train_tools_refresh", visible=False)
 
     task_id = gr.Textbox(visible=False)
+    # The family whose defaults the form shows ({}: TrainConfig's, SD1.5), so switching only moves untouched values.
+    shown_defaults = gr.State({})
     train_event = train.click(
         fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components)), extra_outputs=[""]),
         _js="train_tools_start",
-        inputs=[task_id, name, trigger, train_dir, uploads, *components.values()],
+        inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
         outputs=[files, output],
     )
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
     refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
-    return {"train_dir": train_dir, "train_event": train_event}
+    return {"train_dir": train_dir, "train_event": train_event, "settings": components, "shown_defaults": shown_defaults}
