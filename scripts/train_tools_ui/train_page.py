@@ -45,6 +45,8 @@ def _setting_components() -> dict[str, gr.components.Component]:
     with gr.Row():
         c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)", elem_id="train_tools_min_snr_gamma")
         c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
+        c["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr, label="Zero terminal SNR (v-prediction models)",
+                                             elem_id="train_tools_zero_terminal_snr")
         c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
         c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
     with gr.Row():
