@@ -1,4 +1,4 @@
-"""Giving freed memory back to the operating system after a job.
+"""Giving memory back: freed pages to the operating system after a job, VRAM while modules are not needed.
 
 After a training the C allocator keeps the pages torch freed (glibc's malloc keeps them for reuse), so the
 WebUI's resident memory stays at the run's peak. ``malloc_trim(0)`` returns them; elsewhere this does nothing.
@@ -10,6 +10,11 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,3 +35,19 @@ def return_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+@contextmanager
+def parked_on_cpu(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """The modules wait in RAM for the block and come back to ``device`` after it, whatever happens: the same
+    parameter objects (``Module.to`` swaps their data), so the model is bit-identical. On the CPU nothing moves."""
+    if device.type == "cpu" or not modules:
+        yield
+        return
+    for module in modules:
+        module.to("cpu")
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(device)

@@ -92,6 +92,8 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
                                                                    or config.caption_dropout_rate > 0))
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
             conditioning.prefill([record.caption for record in data.records])
+            if conditioning.complete():
+                cleanup.enter_context(host.text_encoders_parked())
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
             result.setup_seconds = time.time() - started
 
@@ -214,6 +216,11 @@ class _ConditioningCache:
         for start in range(0, len(unique), chunk):
             if self.cacheable:
                 self.encode(unique[start:start + chunk])
+
+    def complete(self) -> bool:
+        """Every batch can come from the cache: the text encoders are not needed again. Captions of different
+        chunk counts are encoded again batch by batch (see ``encode``)."""
+        return self.cacheable and len({_shape(t) for t in self.cache.values()}) <= 1
 
     def encode(self, captions: list[str]) -> TextEmbedding:
         if not self.cacheable:

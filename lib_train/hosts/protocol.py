@@ -102,6 +102,10 @@ class TrainingHost(Protocol):
         """Entered around the whole run: the host switches to what training needs (attention
         implementation, caches, offloading) and switches back on exit, whatever happened."""
 
+    def text_encoders_parked(self) -> AbstractContextManager[None]:
+        """Entered once every caption is encoded and cached: the text encoders may leave the GPU until the block
+        ends (the main VRAM saving of SDXL's cached text), coming back unchanged."""
+
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's original training noise schedule, float32, shape (1000,)."""
 

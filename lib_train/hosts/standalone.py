@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.memory import parked_on_cpu
 from .attention import sdpa_attention
 from .clip_tokenizer import clip_tokenizer
 from .prompt_syntax import literal_caption
@@ -54,6 +55,9 @@ class StandaloneHost:
 
     def training_session(self):
         return sdpa_attention(self.model.unet)
+
+    def text_encoders_parked(self):
+        return parked_on_cpu([encoder.module for encoder in self.text_encoders], self.device)
 
     def alphas_cumprod(self) -> torch.Tensor:
         return sd1_alphas_cumprod().to(self.device)

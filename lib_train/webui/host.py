@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..common.errors import ConfigError
+from ..common.memory import parked_on_cpu
 from ..hosts.prompt_syntax import escape_caption
 from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, SizeCondition, TextEmbedding, TextEncoder
 
@@ -105,6 +106,11 @@ class WebUIHost:
             sha256=getattr(info, "sha256", "") or "",
             vae_name=os.path.basename(vae_file) if vae_file else "",
         )
+
+    def text_encoders_parked(self):
+        if self.medvram:  # the WebUI's own hooks already keep them off the GPU between uses
+            return nullcontext()
+        return parked_on_cpu([encoder.module for encoder in self.text_encoders], self.device)
 
     @contextmanager
     def training_session(self) -> Iterator[None]:
