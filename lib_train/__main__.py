@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig.from_toml(args.config).validate()
         host = _load_host(args.checkpoint, args.device, config, args.v_prediction)
         loading_seconds = time.time() - started
+        resident_cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
         result = train_lora(host, config)
     except TrainToolsError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             "step_seconds": result.step_seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            # the model as loaded, before training: what the WebUI would already hold
+            "resident_cuda_mb": resident_cuda / 2**20 if resident_cuda is not None else None,
         }
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     return 0
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_prediction: bool) -> StandaloneHost:
     started = time.time()
+    weights_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     if checkpoint is None:
         model, info = build_tiny_sd1(seed=0), BaseModelInfo(name="train-tools-tiny-demo")
     else:
@@ -75,12 +79,12 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_predi
         # reads the same key).
         v_prediction = v_prediction or "v_pred" in keys
         is_sdxl = any(key.startswith("conditioner.") for key in keys)
-        model = load_sdxl_checkpoint(path) if is_sdxl else load_sd1_checkpoint(path)
+        model = (load_sdxl_checkpoint(path, dtype=weights_dtype or torch.float32) if is_sdxl
+                 else load_sd1_checkpoint(path))
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
     # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype. Norm layers
     # stay float32: ldm's GroupNorm32 computes in float32 and CPU autocast does not cast its weights. The VAE
     # stays float32 so latents are cached at full precision.
-    weights_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     if weights_dtype is not None:
         text_encoders = [model.text_encoder_1, model.text_encoder_2] if isinstance(model, SDXLModel) else [model.text_encoder]
         for module in (model.unet, *text_encoders):
