@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .common.errors import TrainToolsError
+from .common.tensor_store import CacheFolder
 from .engine.config import TrainConfig
 from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     train.add_argument("--v-prediction", action="store_true",
                        help="the checkpoint predicts velocity (read from its 'v_pred' key when it has one)")
+    train.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
+                       "(a rerun then starts without encoding; the result is the same)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
     args = parser.parse_args(argv)
     started = time.time()
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         host = _load_host(args.checkpoint, args.device, config, args.v_prediction)
         loading_seconds = time.time() - started
         resident_cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
-        result = train_lora(host, config)
+        result = train_lora(host, config, CacheFolder(args.cache_dir) if args.cache_dir else None)
     except TrainToolsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": result.steps,
             # from the start of the command (model loading included) to the first training step
             "setup_seconds": loading_seconds + result.setup_seconds if result.step_seconds else None,
+            "cache": result.cache.summary() if args.cache_dir else None,
             "step_seconds": result.step_seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

@@ -24,6 +24,9 @@ from lib_train.common.errors import TrainToolsError
 shared.options_templates.update(shared.options_section(("train_tools", "Train Tools"), {
     "train_tools_verify_restore": shared.OptionInfo(
         True, "Prove after every training that the live model is unchanged (hashes UNet, text encoder and VAE)"),
+    "train_tools_cache_limit_gb": shared.OptionInfo(
+        4.0, "Cache of latents and caption embeddings: at most this many GB per training folder (least recently "
+        "used removed first)"),
 }))
 
 
@@ -93,6 +96,31 @@ def on_app_started(demo, app) -> None:
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()
+
+    @app.post("/train-tools/v1/prepare", dependencies=dependencies)
+    def start_prepare(settings: dict = Body(...)):
+        """Fill the training folder's cache for these settings (the train body), so the training starts at once."""
+        runner = jobs()
+        try:
+            job = runner.prepare_in_background(runner.prepare(settings))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return job.to_dict()
+
+    @app.get("/train-tools/v1/cache", dependencies=dependencies)
+    def cache_size(train_dir: str):
+        try:
+            size = jobs().cache_size(train_dir)
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return {"latents": size.latents, "captions": size.captions, "bytes": size.bytes} if size else {}
+
+    @app.post("/train-tools/v1/cache/clear", dependencies=dependencies)
+    def clear_cache(body: dict = Body(...)):
+        try:
+            return {"removed": jobs().clear_cache(str(body.get("train_dir", "")))}
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
 
     @app.post("/train-tools/v1/grid", dependencies=dependencies)
     def start_grid(settings: dict = Body(...)):

@@ -193,7 +193,7 @@ def test_config_defaults_validate():
 
 def test_cached_conditioning_of_captions_with_different_chunk_counts(tiny_host):
     """The WebUI encodes a caption over 75 tokens into 154 positions; a batch mixing lengths must still stack."""
-    from lib_train.engine.train import _ConditioningCache
+    from lib_train.engine.text_cache import ConditioningCache
 
     class ChunkingHost:
         def encode_captions(self, captions):
@@ -201,7 +201,7 @@ def test_cached_conditioning_of_captions_with_different_chunk_counts(tiny_host):
             parts = [tiny_host.encode_captions(captions) for _ in range(chunks)]
             return torch.cat(parts, dim=1)
 
-    cache = _ConditioningCache(ChunkingHost(), cacheable=True)
+    cache = ConditioningCache(ChunkingHost(), cacheable=True)
     short, long = "red circle", " ".join(["tag"] * 80)
     cache.prefill([short, long], chunk=1)
     assert cache.cache[short].shape[0] == 77 and cache.cache[long].shape[0] == 154

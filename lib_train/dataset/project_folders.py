@@ -1,11 +1,13 @@
 """Where a Train Tools project keeps its files, under the projects folder (``<data>/train_tools`` by default).
 
 ``originals/`` holds untouched copies of everything imported, ``pictures/`` the prepared images and their
-``.txt`` captions (the training folder, the only place captions are edited), ``grids/`` the preview grids.
+``.txt`` captions (the training folder, the only place captions are edited), ``grids/`` the preview grids,
+``cache/`` the latents and caption embeddings kept between trainings.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +39,20 @@ class ProjectFolders:
     def caption_history(self) -> Path:
         """Undo snapshots of caption edits."""
         return self.root / "caption_history"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+
+# Caches of training folders that are not a project's pictures; the dot keeps them out of the project list.
+FOLDER_CACHES = ".folder-caches"
+
+
+def cache_folder_for(projects_dir: str | Path, train_dir: str | Path) -> Path:
+    """Where the training folder's cache lives: in the project for a project's ``pictures/``, else under the
+    projects folder, named by the training folder's path (never inside it: a user's folder is not written to)."""
+    projects, folder = Path(projects_dir).resolve(), Path(train_dir).resolve()
+    if folder.name == "pictures" and folder.parent.parent == projects:
+        return ProjectFolders(folder.parent).cache
+    return projects / FOLDER_CACHES / hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]

@@ -29,6 +29,7 @@ from .buckets import (
 )
 from .captions import find_caption, process_caption, read_caption, split_tags
 from .image_clean import open_clean
+from .latent_cache import LatentCache
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 
@@ -258,30 +259,50 @@ class TrainingData:
         device: torch.device,
         on_progress: Callable[[int, int], None] | None = None,
         batch_size: int = 4,
+        cache: LatentCache | None = None,
     ) -> None:
-        """Encode every image once (and its mirror image with flip_aug); keep the latents on `device`."""
-        latents: dict[int, torch.Tensor] = {}
-        flipped: dict[int, torch.Tensor] = {}
+        """Encode every image once (and its mirror image with flip_aug), or take its latent from ``cache`` and
+        put the ones encoded there; keep the latents on `device`. Without a cache hit the pictures are encoded in
+        the same chunks and order as without a cache, so the host's VAE sampling draws the same noise."""
+        variants = (False, True) if self.flip_aug else (False,)
+        found: dict[tuple[int, bool], torch.Tensor] = {}
+        if cache is not None:
+            for index in range(len(self.records)):
+                for flipped in variants:
+                    latent = cache.load(self.records[index].path, *self._prepared(index), flipped)
+                    if latent is not None:
+                        found[index, flipped] = latent.to(device=device, dtype=torch.float32)
         done, total = 0, len(self.records)
         for bucket, members in sorted(self._members.items()):
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
+            missing = [i for i in members if any((i, flipped) not in found for flipped in variants)]
+            done += len(members) - len(missing)
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
                 images = [
                     resize_to_bucket(load_rgb(self.records[i].path), bucket, self.choices[i].resized_size)
                     for i in chunk
                 ]
                 pixels = pixels_to_tensor(images).to(device)
-                for index, latent in zip(chunk, self._encode(encode, pixels, device)):
-                    latents[index] = latent
-                if self.flip_aug:
-                    for index, latent in zip(chunk, self._encode(encode, pixels.flip(-1), device)):
-                        flipped[index] = latent
+                for flipped in variants:
+                    todo = [position for position, i in enumerate(chunk) if (i, flipped) not in found]
+                    if not todo:
+                        continue
+                    batch = pixels[todo]
+                    for position, latent in zip(todo, self._encode(encode, batch.flip(-1) if flipped else batch, device)):
+                        index = chunk[position]
+                        found[index, flipped] = latent
+                        if cache is not None:
+                            cache.save(self.records[index].path, *self._prepared(index), flipped, latent)
                 done += len(chunk)
                 if on_progress:
                     on_progress(done, total)
         order = range(len(self.records))
-        self._latents = [latents[i] for i in order]
-        self._flipped_latents = [flipped[i] for i in order] if self.flip_aug else None
+        self._latents = [found[i, False] for i in order]
+        self._flipped_latents = [found[i, True] for i in order] if self.flip_aug else None
+
+    def _prepared(self, index: int) -> tuple[Size, Size]:
+        """How a picture is prepared for its bucket: the size it is resized to, then the bucket it is cropped to."""
+        return self.choices[index].resized_size, self.choices[index].bucket
 
     @staticmethod
     def _encode(encode: Encoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:

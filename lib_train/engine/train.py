@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from ..common.errors import ConfigError, DatasetError, TrainingDiverged
+from ..common.tensor_store import CacheFolder, CacheReport
+from ..dataset.latent_cache import LatentCache
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
-from ..hosts.protocol import PredictionType, Progress, TextEmbedding, TrainingHost
+from ..hosts.protocol import PredictionType, Progress, TrainingHost
 from .config import TrainConfig
 from .loss import add_noise, diffusion_loss, min_snr_weights, training_target, zero_terminal_snr
 from .metadata import RunFacts, lora_metadata, sidecar
@@ -22,6 +24,7 @@ from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
 from .network import LoRANetwork
 from .optim import make_lr_schedule, make_optimizer
 from .save import SAVE_DTYPES, OutputPlan, write_lora, write_sidecar
+from .text_cache import CaptionStore, ConditioningCache
 
 
 @dataclass
@@ -34,13 +37,16 @@ class TrainResult:
     setup_seconds: float = 0.0  # start until the first training step
     step_seconds: list[float] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)  # unusable pictures left out (skip_unusable_files)
+    cache: CacheReport = field(default_factory=CacheReport)  # what came from the cache folder, if one was given
 
 
 class _StopRequested(Exception):
     pass
 
 
-def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
+def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None = None) -> TrainResult:
+    """Train a LoRA on the host's model; with ``cache``, latents and caption embeddings are kept there between
+    runs (the result is bit-identical with or without it)."""
     started = time.time()
     config.validate()
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
@@ -68,7 +74,7 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
         try:
             cleanup.enter_context(host.training_session())
             cleanup.enter_context(frozen([host.unet, *text_encoder_modules]))
-            _cache_latents(host, data)
+            _cache_latents(host, data, cache, result.cache)
 
             network = LoRANetwork.for_host(
                 host, rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
@@ -88,10 +94,12 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
             if config.zero_terminal_snr:
                 alphas_cumprod = zero_terminal_snr(alphas_cumprod)
-            conditioning = _ConditioningCache(host, cacheable=not (config.train_text_encoder or config.shuffle_caption
-                                                                   or config.caption_dropout_rate > 0))
+            conditioning = _conditioning(host, config, cache, result.cache)
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
             conditioning.prefill([record.caption for record in data.records])
+            if cache is not None:
+                cache.keep_within_limit()
+                host.report(Progress("caching", message=result.cache.summary()))
             if conditioning.complete():
                 cleanup.enter_context(host.text_encoders_parked())
             trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -154,6 +162,23 @@ def train_lora(host: TrainingHost, config: TrainConfig) -> TrainResult:
     return result
 
 
+def prepare_caches(host: TrainingHost, config: TrainConfig, cache: CacheFolder) -> CacheReport:
+    """What ``train_lora`` encodes before its first step, put in ``cache`` ahead of time (the "Prepare for
+    training" job): the same pictures, chunks and host state, so the training that follows finds every entry."""
+    config.validate()
+    data = config.training_data(_usable_pictures(config).records)
+    report = CacheReport()
+    with host.training_session(), frozen([host.unet, *(encoder.module for encoder in host.text_encoders)]):
+        try:
+            _cache_latents(host, data, cache, report)
+            _conditioning(host, config, cache, report).prefill([record.caption for record in data.records])
+        except _StopRequested:
+            pass
+    cache.keep_within_limit()
+    host.report(Progress("done", message=("Stopped. " if host.should_stop() else "") + report.summary()))
+    return report
+
+
 def _usable_pictures(config: TrainConfig) -> FolderScan:
     """The training folder's pictures. Unusable ones stop the run, listed, unless the user chose to skip them."""
     scan = survey_training_folder(config.train_dir, config.repeats)
@@ -193,64 +218,21 @@ def _grad_scaler():
     return torch.cuda.amp.GradScaler()
 
 
-def _cache_latents(host: TrainingHost, data: TrainingData) -> None:
+def _cache_latents(host: TrainingHost, data: TrainingData, cache: CacheFolder | None, report: CacheReport) -> None:
     def on_progress(done: int, total: int) -> None:
         if host.should_stop():
             raise _StopRequested
         host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
 
-    data.cache_latents(host.encode_images, host.device, on_progress)
+    stored = LatentCache(cache.latents, host.vae_identity(), report) if cache is not None else None
+    data.cache_latents(host.encode_images, host.device, on_progress, cache=stored)
 
 
-class _ConditioningCache:
-    """With frozen text encoders and fixed captions, each caption is encoded once (a tensor, or SDXL's dict of
-    tensors, per caption)."""
-
-    def __init__(self, host: TrainingHost, cacheable: bool):
-        self.host = host
-        self.cacheable = cacheable
-        self.cache: dict[str, TextEmbedding] = {}
-
-    def prefill(self, captions: list[str], chunk: int = 16) -> None:
-        unique = sorted(set(captions))
-        for start in range(0, len(unique), chunk):
-            if self.cacheable:
-                self.encode(unique[start:start + chunk])
-
-    def complete(self) -> bool:
-        """Every batch can come from the cache: the text encoders are not needed again. Captions of different
-        chunk counts are encoded again batch by batch (see ``encode``)."""
-        return self.cacheable and len({_shape(t) for t in self.cache.values()}) <= 1
-
-    def encode(self, captions: list[str]) -> TextEmbedding:
-        if not self.cacheable:
-            return self.host.encode_captions(captions)
-        missing = sorted({c for c in captions if c not in self.cache})
-        if missing:
-            with torch.no_grad():
-                encoded = self.host.encode_captions(missing)
-            self.cache.update(zip(missing, _per_sample(encoded, len(missing))))
-        cached = [self.cache[c] for c in captions]
-        if len({_shape(t) for t in cached}) > 1:
-            # Captions over 75 tokens take more 77-token chunks (the WebUI's text path): encoded together,
-            # the batch is padded to a common length.
-            with torch.no_grad():
-                return self.host.encode_captions(captions)
-        if isinstance(cached[0], dict):
-            return {name: torch.stack([t[name] for t in cached]) for name in cached[0]}
-        return torch.stack(cached)
-
-
-def _per_sample(encoded: TextEmbedding, count: int) -> list[TextEmbedding]:
-    if isinstance(encoded, dict):
-        return [{name: tensor[i] for name, tensor in encoded.items()} for i in range(count)]
-    return list(encoded)
-
-
-def _shape(embedding: TextEmbedding) -> tuple:
-    if isinstance(embedding, dict):
-        return tuple((name, tuple(t.shape)) for name, t in sorted(embedding.items()))
-    return tuple(embedding.shape)
+def _conditioning(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None,
+                  report: CacheReport) -> ConditioningCache:
+    cacheable = not (config.train_text_encoder or config.shuffle_caption or config.caption_dropout_rate > 0)
+    stored = CaptionStore(cache.text, host.text_encoder_identity(), report) if cache is not None and cacheable else None
+    return ConditioningCache(host, cacheable, stored)
 
 
 def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,

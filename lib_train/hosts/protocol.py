@@ -121,6 +121,14 @@ class TrainingHost(Protocol):
         ``pixels`` is (B, 3, H, W) in [-1, 1] on the host device, float32.
         """
 
+    def vae_identity(self) -> str:
+        """What ``encode_images`` gives besides the pixels depends on: the VAE encoder's weights, the dtype it
+        encodes in, the latent scale. Equal identities give equal latents (cached latents are keyed by it)."""
+
+    def text_encoder_identity(self) -> str:
+        """What ``encode_captions`` gives besides the captions depends on: the text encoders' weights, the layer
+        read (clip skip), the text path's options. Cached caption embeddings are keyed by it."""
+
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's raw prediction (noise or velocity, see ``prediction_type``)."""
 

@@ -7,6 +7,7 @@ import torch
 from ..common.memory import parked_on_cpu
 from .attention import sdpa_attention
 from .clip_tokenizer import clip_tokenizer
+from .model_identity import sampled_weights_digest, vae_encoder_side
 from .prompt_syntax import literal_caption
 from .protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, SizeCondition, TextEmbedding, TextEncoder
 from .sd1 import VAE_SCALE_FACTOR, SD1Model, sd1_alphas_cumprod
@@ -78,6 +79,15 @@ class StandaloneHost:
         noise = torch.randn(distribution.mean.shape, generator=self._generator, device=self.device,
                             dtype=distribution.mean.dtype)
         return ((distribution.mean + distribution.std * noise) * self.vae_scale_factor).float()
+
+    def vae_identity(self) -> str:
+        vae = self.model.vae
+        return (f"{self.family.value} standalone | {next(vae.parameters()).dtype} | scale {self.vae_scale_factor} | "
+                f"{sampled_weights_digest(vae_encoder_side(vae))}")
+
+    def text_encoder_identity(self) -> str:
+        modules = [encoder.module for encoder in self.text_encoders]
+        return f"{self.family.value} standalone | clip skip {self.clip_skip} | {sampled_weights_digest(modules)}"
 
     def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
         return text  # SD1 is not conditioned on sizes

@@ -19,10 +19,16 @@ import torch
 
 from ..common.errors import ConfigError
 from ..common.memory import parked_on_cpu
+from ..hosts.model_identity import sampled_weights_digest, vae_encoder_side
 from ..hosts.prompt_syntax import escape_caption
 from ..hosts.protocol import BaseModelInfo, Conditioning, ModelFamily, PredictionType, Progress, SizeCondition, TextEmbedding, TextEncoder
 
 TRAINING_ATTENTION = "sdp - scaled dot product"
+# The WebUI options its text path reads (clip skip, emphasis, chunking, SDXL's CLIP-L layer).
+_TEXT_PATH_OPTIONS = ("CLIP_stop_at_last_layers", "emphasis", "use_old_emphasis_implementation",
+                      "comma_padding_backtrack", "sdxl_clip_l_skip")
+
+
 @dataclass
 class WebUI:
     """The WebUI modules the adapter uses; ``networks`` is the built-in Lora extension's module, if loaded."""
@@ -175,6 +181,30 @@ class WebUIHost:
             images01 = (pixels.float() + 1.0) / 2.0
             latents = self.webui.sd_samplers_common.images_tensor_to_samples(images01, 0, self.sd_model)
         return latents.float()
+
+    # The checkpoint's and VAE file's hashes would name what was loaded, not what is in memory (the WebUI computes
+    # a full sha256 lazily, and a VAE chosen in the settings replaces the checkpoint's): the weights themselves,
+    # sampled (see sampled_weights_digest), identify the VAE and text encoders at no cost.
+    def vae_identity(self) -> str:
+        vae = self.sd_model.first_stage_model
+        return (f"{self.family.value} webui | {self._vae_encoding_dtype()} | "
+                f"scale {getattr(self.sd_model, 'scale_factor', '')} | {sampled_weights_digest(vae_encoder_side(vae))}")
+
+    def _vae_encoding_dtype(self) -> torch.dtype:
+        return getattr(self.webui.devices, "dtype_vae", None) or next(self.sd_model.first_stage_model.parameters()).dtype
+
+    def text_encoder_identity(self) -> str:
+        opts = self.webui.shared.opts
+        options = {name: getattr(opts, name, None) for name in _TEXT_PATH_OPTIONS}
+        modules = [encoder.module for encoder in self.text_encoders]
+        return (f"{self.family.value} webui | {options} | embeddings {self._embedding_versions()} | "
+                f"{next(modules[0].parameters()).dtype} | {sampled_weights_digest(modules)}")
+
+    def _embedding_versions(self) -> list[tuple[str, str]]:
+        """Loaded textual-inversion embeddings by name and checksum: a caption naming one is encoded with it."""
+        database = getattr(getattr(self.webui.sd_hijack, "model_hijack", None), "embedding_db", None)
+        embeddings = getattr(database, "word_embeddings", {}) or {}
+        return sorted((name, str(getattr(embedding, "checksum", lambda: "")())) for name, embedding in embeddings.items())
 
     def unet_conditioning(self, text: TextEmbedding, sizes: list[SizeCondition]) -> Conditioning:
         return text  # SD1 is not conditioned on sizes

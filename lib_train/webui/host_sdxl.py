@@ -58,6 +58,9 @@ class WebUISDXLHost(WebUIHost):
         with self._vae_in_float32():
             return super().encode_images(pixels)
 
+    def _vae_encoding_dtype(self) -> torch.dtype:
+        return torch.float32  # see _vae_in_float32
+
     @contextmanager
     def _vae_in_float32(self):
         """The SDXL VAE overflows to NaN in fp16: encode in float32 (fp16 -> fp32 -> fp16 is exact), then give the

@@ -13,19 +13,21 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import check_output_name
 from ..common.memory import return_freed_memory
-from ..dataset.project_folders import ProjectFolders
+from ..common.tensor_store import DEFAULT_LIMIT_BYTES, CacheFolder, CacheReport, CacheSize
+from ..dataset.project_folders import ProjectFolders, cache_folder_for
 from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
-from ..engine.train import train_lora
+from ..engine.train import prepare_caches, train_lora
 from ..hosts.protocol import ModelFamily, Progress
 from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
@@ -39,7 +41,7 @@ from .path_policy import confine
 @dataclass
 class JobStatus:
     id: str
-    kind: str = "train"  # train or grid
+    kind: str = "train"  # train, prepare (fill the cache) or grid
     state: str = "queued"  # queued, running, done, stopped, failed
     phase: str = ""
     message: str = ""
@@ -53,6 +55,8 @@ class JobStatus:
     error: str = ""
     grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
     model_restored: bool | None = None  # None until checked
+    cache: dict = field(default_factory=dict)  # CacheReport's fields: latents/captions reused and total, problems
+    setup_seconds: float = 0.0  # from the click to the first training step (queue wait and encoding included)
     started_at: float = 0.0
     finished_at: float = 0.0
 
@@ -169,7 +173,7 @@ class TrainingJobs:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
-                what = "A preview grid" if self.current.kind == "grid" else "A training"
+                what = {"grid": "A preview grid", "prepare": "A preparation for training"}.get(self.current.kind, "A training")
                 raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
@@ -179,25 +183,49 @@ class TrainingJobs:
         """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
 
         def work() -> None:
-            host = webui_host(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
-                             stop_requested=self._stop.is_set)
+            host = self._host(job, config)
             if host.medvram and config.train_text_encoder:
                 raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
-            with host.training_session():
-                before = self._fingerprints() if self.verify_restore else None
-                try:
-                    result = train_lora(host, config)
-                finally:
-                    if before is not None:
-                        self._check_restored(job, before)
+            result = self._on_live_model(job, host, lambda: train_lora(host, config, self.cache_folder(config.train_dir)))
             job.state = "stopped" if result.stopped else "done"
             job.skipped_files = result.skipped_files
+            job.cache = asdict(result.cache)
             job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
                 (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.") + \
+                f" {result.cache.summary()}" + \
                 (f" Skipped {len(result.skipped_files)} unusable file(s):\n" + "\n".join(f"- {s}" for s in result.skipped_files)
                  if result.skipped_files else "")
 
         return self._guarded(job, "Train Tools", work)
+
+    def run_prepare(self, job: JobStatus, config: TrainConfig) -> JobStatus:
+        """Fill the training folder's cache with what a training on these settings encodes first, so it starts
+        at once. The caller holds the WebUI queue lock and has begun ``shared.state``."""
+
+        def work() -> None:
+            job.kind = "prepare"
+            host = self._host(job, config)
+            report: CacheReport = self._on_live_model(
+                job, host, lambda: prepare_caches(host, config, self.cache_folder(config.train_dir)))
+            job.state = "stopped" if host.should_stop() else "done"
+            job.cache = asdict(report)
+            job.message = ("Stopped. " if job.state == "stopped" else "Prepared for training: ") + report.summary()
+
+        return self._guarded(job, "Train Tools prepare", work)
+
+    def _host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
+        return webui_host(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
+                          stop_requested=self._stop.is_set)
+
+    def _on_live_model(self, job: JobStatus, host: WebUIHost, work: Callable[[], Any]) -> Any:
+        """``work`` in the host's training session, with the proof that the live model is unchanged afterwards."""
+        with host.training_session():
+            before = self._fingerprints() if self.verify_restore else None
+            try:
+                return work()
+            finally:
+                if before is not None:
+                    self._check_restored(job, before)
 
     def run_grid(self, job: JobStatus, request: GridRequest) -> JobStatus:
         """Render a preview grid on the live model. The caller holds the queue lock and has begun ``shared.state``."""
@@ -259,6 +287,13 @@ class TrainingJobs:
         self._in_background(job, lambda: self.run(job, config))
         return job
 
+    def prepare_in_background(self, config: TrainConfig) -> JobStatus:
+        """For the HTTP API and the tab: fill the cache under the queue lock on a thread."""
+        job = self.begin()
+        job.kind = "prepare"
+        self._in_background(job, lambda: self.run_prepare(job, config))
+        return job
+
     def render_grid_in_background(self, request: GridRequest) -> JobStatus:
         job = self.begin()
         job.kind = "grid"
@@ -280,6 +315,32 @@ class TrainingJobs:
                     self.webui.shared.state.end()
 
         threading.Thread(target=locked, name="train-tools", daemon=True).start()
+
+    # -- cache --------------------------------------------------------------------------------------
+
+    def cache_folder(self, train_dir: str | Path) -> CacheFolder:
+        """The training folder's cache (see ``cache_folder_for``), bounded by the setting in GB."""
+        limit_gb = getattr(self.webui.shared.opts, "train_tools_cache_limit_gb", DEFAULT_LIMIT_BYTES / 2**30)
+        return CacheFolder(cache_folder_for(self.folders.projects_dir, train_dir), int(float(limit_gb) * 2**30))
+
+    def cache_size(self, train_dir: str) -> CacheSize | None:
+        """The size of the folder's cache; None before a folder is chosen."""
+        return self.cache_folder(self._checked_folder(train_dir)).size() if train_dir.strip() else None
+
+    def clear_cache(self, train_dir: str) -> int:
+        """Delete the training folder's cache (never its pictures); refused while a job may be reading it."""
+        folder = self.cache_folder(self._checked_folder(train_dir))
+        if self.current is not None and self.current.state in ("queued", "running"):
+            raise ConfigError("A job is running: clear the cache when it has finished.")
+        return folder.clear()
+
+    def _checked_folder(self, train_dir: str) -> str:
+        train_dir = train_dir.strip()
+        if not train_dir:
+            raise ConfigError("Choose the training folder first.")
+        if self.folders.exposed:
+            return str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+        return train_dir
 
     # -- preview grid ---------------------------------------------------------------------------
 
@@ -322,6 +383,8 @@ class TrainingJobs:
         job.epoch, job.total_epochs = progress.epoch or job.epoch, progress.total_epochs or job.total_epochs
         if progress.phase == "training" and progress.loss is not None:
             job.loss_history.append((progress.step, progress.loss))
+            if progress.step == 1:
+                job.setup_seconds = time.time() - job.started_at
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
 

@@ -125,8 +125,9 @@ def _refresh():
 
 
 def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, shown: dict,
-           *values):
-    """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun."""
+           *values, prepare_only: bool = False):
+    """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun. With
+    ``prepare_only`` it fills the cache (Prepare for training) instead of training."""
     runner = jobs()
     try:
         settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
@@ -141,7 +142,7 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
         _refusal = (time.time(), f"<div class='error'>{html.escape(str(error))}</div>")
         return "", _refusal[1]
     job.id = id_task
-    runner.run(job, config)
+    (runner.run_prepare if prepare_only else runner.run)(job, config)
     return _files_html(job), _status_html(job)
 
 
@@ -159,6 +160,26 @@ def wire_family_defaults(train: dict, base_model: gr.Textbox, events: list) -> N
     for event in events:
         event(fn=partial(_follow_loaded_family, list(settings)), inputs=[train["shown_defaults"], *settings.values()],
               outputs=[train["shown_defaults"], base_model, *settings.values()])
+
+
+def _cache_html(train_dir: str, done: str = "") -> str:
+    """The training folder's cache: what it holds and its bound (Settings → Train Tools)."""
+    try:
+        size = jobs().cache_size(train_dir or "")
+    except TrainToolsError as error:
+        return f"<div class='error'>{html.escape(str(error))}</div>"
+    if size is None:
+        return ""
+    limit = jobs().cache_folder(train_dir).limit_bytes / 2**30
+    return html.escape(f"{done}Cache of this folder: {size.describe()} (at most {limit:g} GB).")
+
+
+def _clear_cache(train_dir: str) -> str:
+    try:
+        removed = jobs().clear_cache(train_dir or "")
+    except TrainToolsError as error:
+        return f"<div class='error'>{html.escape(str(error))}</div>"
+    return _cache_html(train_dir, f"Removed {removed} cached entries. ")
 
 
 def build_header() -> tuple[gr.Dropdown, gr.Textbox, gr.Textbox]:
@@ -209,6 +230,11 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             with gr.Row():
                 train = gr.Button("Train", variant="primary", elem_id="train_tools_train")
                 stop = gr.Button("Stop", elem_id="train_tools_stop")
+            with gr.Row():
+                prepare = gr.Button("Prepare for training (encode pictures and captions ahead)",
+                                    elem_id="train_tools_prepare")
+                clear_cache = gr.Button("Clear cache", elem_id="train_tools_clear_cache")
+            cache_info = gr.HTML(elem_id="train_tools_cache_info")
         with gr.Column(scale=2):
             gr.HTML(elem_id="train_tools_progress")  # step text, written by javascript/train_tools.js
             output = gr.HTML(elem_id="train_tools_output")
@@ -226,6 +252,15 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
         inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
         outputs=[files, output],
     )
+    prepare.click(
+        fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components), prepare_only=True), extra_outputs=[""]),
+        _js="train_tools_start",
+        inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
+        outputs=[files, output],
+    ).then(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
+    train_event.then(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
+    clear_cache.click(fn=_clear_cache, inputs=[train_dir], outputs=[cache_info])
+    train_dir.change(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
     refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
     return {"train_dir": train_dir, "train_event": train_event, "settings": components, "shown_defaults": shown_defaults}
