@@ -22,7 +22,8 @@ from .webui_context import jobs
 
 
 def _setting_components() -> dict[str, gr.components.Component]:
-    """The training settings, keyed by their TrainConfig name, with TrainConfig's defaults."""
+    """The training settings, keyed by their TrainConfig name, with TrainConfig's defaults: the common ones first,
+    the rest in an Advanced accordion grouped by what they change."""
     d = TrainConfig()
     c: dict[str, gr.components.Component] = {}
     with gr.Row():
@@ -33,36 +34,61 @@ def _setting_components() -> dict[str, gr.components.Component]:
     with gr.Row():
         c["rank"] = gr.Number(d.rank, label="Rank", precision=0, elem_id="train_tools_rank")
         c["alpha"] = gr.Number(d.alpha, label="Alpha", elem_id="train_tools_alpha")
-        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
-        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
-    with gr.Row():
         c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate", elem_id="train_tools_unet_lr")
         c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only, each "
                                          "caption then encoded once)", elem_id="train_tools_text_encoder_lr")
         c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer", elem_id="train_tools_optimizer")
+    with gr.Row():
+        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
+        c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
+        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
+        c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
+                                               elem_id="train_tools_skip_unusable_files")
+    with gr.Accordion("Advanced", open=False, elem_id="train_tools_advanced"):
+        _network_settings(c, d)
+        _optimizer_settings(c, d)
+        _loss_settings(c, d)
+        _data_settings(c, d)
+        _memory_settings(c, d)
+    return c
+
+
+def _network_settings(c: dict, d: TrainConfig) -> None:
+    with gr.Row():
+        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
+        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
+
+
+def _optimizer_settings(c: dict, d: TrainConfig) -> None:
+    with gr.Row():
         c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
         c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
+
+
+def _loss_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
         c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)", elem_id="train_tools_min_snr_gamma")
         c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
         c["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr, label="Zero terminal SNR (v-prediction models)",
                                              elem_id="train_tools_zero_terminal_snr")
-        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
-        c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
+
+
+def _data_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
-        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
-        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
         c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets", elem_id="train_tools_enable_buckets")
         c["min_bucket_reso"] = gr.Number(d.min_bucket_reso, label="Smallest bucket side", precision=0, elem_id="train_tools_min_bucket_reso")
         c["max_bucket_reso"] = gr.Number(d.max_bucket_reso, label="Largest bucket side", precision=0, elem_id="train_tools_max_bucket_reso")
         c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation", elem_id="train_tools_flip_aug")
+    with gr.Row():
         c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags (captions are then encoded at every "
                                            "step: slower, more VRAM on SDXL)", elem_id="train_tools_shuffle_caption")
         c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
-        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
-        c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
-                                               elem_id="train_tools_skip_unusable_files")
-    return c
+
+
+def _memory_settings(c: dict, d: TrainConfig) -> None:
+    with gr.Row():
+        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
+        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
 
 
 def _base_model_text() -> str:

@@ -43,6 +43,7 @@ def main() -> None:
         tab = page.locator("#tab_train_tools")
         for key, value in (("epochs", "1"), ("resolution", "256"), ("unet_lr", "0.0004"), ("text_encoder_lr", "0.0002")):
             tab.locator(f"#train_tools_{key} input[type=number]").fill(value)
+        tab.locator("#train_tools_advanced .label-wrap").first.click()  # the Advanced accordion starts closed
         tab.locator("#train_tools_enable_buckets input[type=checkbox]").uncheck()
         page.screenshot(path=str(args.out / "tab-filled.png"), full_page=True)
         page.locator("#train_tools_train").click()
