@@ -58,6 +58,16 @@ def test_rerun_from_the_cache_is_bit_identical_and_leaves_the_pictures_alone(tmp
     assert folder_state(tmp_path / "data") == pictures_before  # nothing written into the training folder
 
 
+def test_another_seed_draws_its_own_latents_as_a_run_without_the_cache(tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    cache = CacheFolder(tmp_path / "cache")
+    train(tmp_path, "seed0", cache)
+    _, without = train(tmp_path, "plain7", None, host=StandaloneHost(build_tiny_sd1(seed=0), seed=7))
+    reseeded, cached = train(tmp_path, "cached7", cache, host=StandaloneHost(build_tiny_sd1(seed=0), seed=7))
+    assert reseeded.cache.latents_reused == 0 and reseeded.cache.captions_reused == 2  # captions do not depend on it
+    assert identical(without, cached)
+
+
 def test_sdxl_caption_dicts_come_back_from_the_cache_bit_identically(tmp_path):
     make_concept_images(tmp_path / "data" / "1_concept", count=2)
     cache = CacheFolder(tmp_path / "cache")

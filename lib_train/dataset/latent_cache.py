@@ -4,7 +4,8 @@ A latent depends on the picture's bytes (EXIF rotation and transparency included
 the bucket it is centre-cropped to, whether it is mirrored, and the VAE encoder. The key holds all of them, so
 a changed picture, crop, bucket, flip or VAE never reuses a stale latent; it does not hold the file's name, so
 a renamed or moved picture is found again. A cached latent is one draw from the VAE's distribution (as kohya
-caches it): another seed reuses it.
+caches it), made with the run's seed, which the VAE identity holds: another seed encodes again, so a run from the
+cache trains as one without it.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class StandaloneHost:
         self._on_progress = on_progress
         self._stop_requested = False
         # The VAE draws its latent sample from this generator, not from the global RNG.
+        self._seed = seed
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property
@@ -83,7 +84,7 @@ class StandaloneHost:
     def vae_identity(self) -> str:
         vae = self.model.vae
         return (f"{self.family.value} standalone | {next(vae.parameters()).dtype} | scale {self.vae_scale_factor} | "
-                f"{sampled_weights_digest(vae_encoder_side(vae))}")
+                f"sampled with seed {self._seed} | {sampled_weights_digest(vae_encoder_side(vae))}")
 
     def text_encoder_identity(self) -> str:
         modules = [encoder.module for encoder in self.text_encoders]

@@ -188,7 +188,8 @@ class WebUIHost:
     def vae_identity(self) -> str:
         vae = self.sd_model.first_stage_model
         return (f"{self.family.value} webui | {self._vae_encoding_dtype()} | "
-                f"scale {getattr(self.sd_model, 'scale_factor', '')} | {sampled_weights_digest(vae_encoder_side(vae))}")
+                f"scale {getattr(self.sd_model, 'scale_factor', '')} | sampled with seed {self.seed} | "
+                f"{sampled_weights_digest(vae_encoder_side(vae))}")
 
     def _vae_encoding_dtype(self) -> torch.dtype:
         return getattr(self.webui.devices, "dtype_vae", None) or next(self.sd_model.first_stage_model.parameters()).dtype
