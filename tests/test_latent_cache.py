@@ -224,3 +224,14 @@ def test_prepare_stops_between_chunks(tmp_path):
     # Stop is seen after each chunk of 4: the chunk under way when it came is kept, the last one never encoded.
     assert cache.size().latents == 8
     assert host.progress_log[-1].message.startswith("Stopped.")
+
+
+def test_weights_digest_samples_the_last_value_of_a_tensor_too_large_for_float32_indices():
+    from lib_train.hosts.model_identity import sampled_weights_digest
+
+    holder = torch.nn.Module()
+    # The size of SD1.5's text-encoder token embedding (49408 x 768): a float32 linspace ends one past it.
+    holder.register_buffer("weights", torch.zeros(49408 * 768, dtype=torch.uint8))
+    before = sampled_weights_digest([holder])
+    holder.weights[-1] = 1
+    assert sampled_weights_digest([holder]) != before

@@ -21,7 +21,9 @@ def sampled_weights_digest(modules: Sequence[nn.Module]) -> str:
     for number, module in enumerate(modules):
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             flat = tensor.detach().reshape(-1)
-            picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLED_VALUES), device=flat.device).long()
+            count = min(flat.numel(), SAMPLED_VALUES)
+            # Integer steps: a float32 linspace rounds the last index of a large tensor past its end.
+            picks = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
             digest.update(f"{number}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             digest.update(flat[picks].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
