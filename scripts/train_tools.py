@@ -26,7 +26,7 @@ shared.options_templates.update(shared.options_section(("train_tools", "Train To
         True, "Prove after every training that the live model is unchanged (hashes UNet, text encoder and VAE)"),
     "train_tools_cache_limit_gb": shared.OptionInfo(
         4.0, "Cache of latents and caption embeddings: at most this many GB per training folder (least recently "
-        "used removed first)"),
+        "used removed first)", gr.Number),  # the WebUI picks a component itself only for str, int and bool
 }))
 
 
