@@ -581,6 +581,8 @@ def _health_section() -> dict:
         c["batch_size"] = gr.Number(d.batch_size, label="Batch size (as on the Train page)", precision=0,
                                     elem_id="train_tools_ds_health_batch")
         c["check"] = gr.Button("Check the dataset", variant="primary", elem_id="train_tools_ds_health_check")
+        # Encodes the pictures and captions ahead with the Train page's settings, where its progress shows.
+        c["prepare"] = gr.Button("Prepare for training (on the Train page)", elem_id="train_tools_ds_prepare")
     c["summary"] = gr.HTML(elem_id="train_tools_ds_health_summary")
     c["findings"] = gr.Dataframe(headers=FINDING_HEADERS, interactive=False, wrap=True,
                                  elem_id="train_tools_ds_health_findings")
@@ -631,6 +633,7 @@ def _wire(name, trigger, train_dir, imp: dict, tag: dict, cur: dict, health: dic
 
     health["check"].click(_health, inputs=[name, train_dir, health["resolution"], health["repeats"], health["batch_size"]],
                           outputs=[health["summary"], health["findings"]])
+    health["prepare"].click(fn=None, _js="train_tools_ds_prepare", inputs=[], outputs=[])
 
 
 def build(name: gr.Dropdown, trigger: gr.Textbox, train_dir: gr.Textbox) -> None:
