@@ -6,9 +6,9 @@
 Standalone (default: the built-in tiny SD1; ``--random-sd15`` the random-weight full SD1.5 of bench_train.py,
 ``--checkpoint`` a real one): each run trains in this process on a freshly loaded model, as a WebUI holds one,
 and prints ``setup_seconds`` (train_lora's start to its first step; model loading is not part of a click).
-WebUI: a first run (the folder's cache cleared before) and a rerun through the HTTP API; ``setup_seconds`` is
-the job's, from the Train request to the first step. Every run is stopped after its first step; UNet only (so
-caption embeddings are cached too), seed 0.
+WebUI: a first run (the folder's cache cleared before) and a rerun through the HTTP API; from the Train request to
+the start of the first step (the job's ``setup_seconds`` less ``first_step_seconds``), and that step. Every run
+is stopped after its first step; UNet only (so caption embeddings are cached too), seed 0.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def webui(args, data: Path) -> None:
     request(api + "/train-tools/v1/cache/clear", {"train_dir": str(data)})
 
     def stop_after_the_first_step(status: dict) -> None:
-        if status.get("step", 0) >= 1 and status["state"] == "running":
+        # The step counts encoded pictures while caching: only a training step ends the measurement.
+        if status.get("phase") == "training" and status.get("step", 0) >= 1 and status["state"] == "running":
             request(api + "/train-tools/v1/stop", {})
 
     for label in ("first run (fills the cache)", "rerun (from the cache)"):
@@ -72,7 +73,8 @@ def webui(args, data: Path) -> None:
         if status["state"] not in ("done", "stopped"):
             sys.exit(f"{label}: {status['state']}: {status.get('error')}")
         cache = status.get("cache") or {}
-        print(f"{label:<30} setup_seconds {status['setup_seconds']:7.2f}  "
+        step = status.get("first_step_seconds") or 0.0
+        print(f"{label:<30} click->first step begins {status['setup_seconds'] - step:7.2f} s, first step {step:6.2f} s  "
               f"{cache.get('latents_reused')} of {cache.get('latents_total')} latents from cache", flush=True)
 
 

@@ -56,7 +56,8 @@ class JobStatus:
     grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
     model_restored: bool | None = None  # None until checked
     cache: dict = field(default_factory=dict)  # CacheReport's fields: latents/captions reused and total, problems
-    setup_seconds: float = 0.0  # from the click to the first training step (queue wait and encoding included)
+    setup_seconds: float = 0.0  # from the click to the end of the first training step (encoding included)
+    first_step_seconds: float | None = None  # that first step alone, once the job has ended
     started_at: float = 0.0
     finished_at: float = 0.0
 
@@ -190,6 +191,7 @@ class TrainingJobs:
             job.state = "stopped" if result.stopped else "done"
             job.skipped_files = result.skipped_files
             job.cache = asdict(result.cache)
+            job.first_step_seconds = result.step_seconds[0] if result.step_seconds else None
             job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
                 (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.") + \
                 f" {result.cache.summary()}" + \
