@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..common.errors import ConfigError
 from ..dataset.training_data import ImageRecord, TrainingData
+from ..hosts.protocol import PredictionType
+from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
+from .noise import Noising
 
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
@@ -73,6 +78,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
 
+    # Loss and noise (kohya's options; the defaults are plain L2 on plain noise)
+    loss_type: str = "l2"  # l2, huber or smooth_l1
+    huber_schedule: str = "snr"  # how Huber's c follows the timestep: snr, exponential or constant
+    huber_c: float = 0.1
+    huber_scale: float = 1.0  # multiplies c in the exponential and constant schedules (not snr, as kohya)
+    debiased_estimation_loss: bool = False
+    multires_noise_iterations: int = 0  # 0: off; kohya suggests 6-10
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0  # 0: off; the paper suggests 0.1
+
     # Saving
     save_every_n_epochs: int = 1  # 0: only the final file
     save_precision: str = "fp16"
@@ -123,10 +138,31 @@ class TrainConfig:
         need(0 <= self.noise_offset < 1, "Noise offset must be in [0, 1).")
         need(self.mixed_precision in MIXED_PRECISIONS,
              f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
+        self._validate_loss_and_noise(need)
         need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
         return self
+
+    def _validate_loss_and_noise(self, need) -> None:
+        need(self.loss_type in LOSS_TYPES, f"Loss type must be one of {', '.join(LOSS_TYPES)} (got {self.loss_type!r}).")
+        need(self.huber_schedule in HUBER_SCHEDULES,
+             f"Huber schedule must be one of {', '.join(HUBER_SCHEDULES)} (got {self.huber_schedule!r}).")
+        need(math.isfinite(self.huber_c) and self.huber_c > 0, f"Huber c must be positive (got {self.huber_c}).")
+        need(math.isfinite(self.huber_scale) and self.huber_scale > 0,
+             f"Huber scale must be positive (got {self.huber_scale}).")
+        need(self.multires_noise_iterations >= 0, "Multires noise iterations cannot be negative (0 turns it off).")
+        need(0 < self.multires_noise_discount <= 1,
+             f"Multires noise discount must be in (0, 1] (got {self.multires_noise_discount}).")
+        need(0 <= self.ip_noise_gamma <= 1, f"Input perturbation noise gamma must be in [0, 1] (got {self.ip_noise_gamma}).")
+
+    def noising(self, alphas_cumprod: torch.Tensor) -> Noising:
+        return Noising(alphas_cumprod, self.noise_offset, self.multires_noise_iterations,
+                       self.multires_noise_discount, self.ip_noise_gamma)
+
+    def objective(self, prediction_type: PredictionType, alphas_cumprod: torch.Tensor) -> Objective:
+        return Objective(prediction_type, alphas_cumprod, self.loss_type, self.huber_schedule, self.huber_c,
+                         self.huber_scale, self.min_snr_gamma, self.debiased_estimation_loss)
 
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""

@@ -18,7 +18,7 @@ from ..dataset.latent_cache import LatentCache
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
 from ..hosts.protocol import PredictionType, Progress, TrainingHost
 from .config import TrainConfig
-from .loss import add_noise, diffusion_loss, min_snr_weights, training_target, zero_terminal_snr
+from .loss import training_target, zero_terminal_snr
 from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
 from .network import LoRANetwork
@@ -94,6 +94,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
             if config.zero_terminal_snr:
                 alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+            noising = config.noising(alphas_cumprod)
+            objective = config.objective(host.prediction_type, alphas_cumprod)
             conditioning = _conditioning(host, config, cache, result.cache)
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
             conditioning.prefill([record.caption for record in data.records])
@@ -113,12 +115,10 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                         raise _StopRequested
                     with autocast:
                         cond = host.unet_conditioning(conditioning.encode(batch.captions), batch.sizes)
-                        noisy, noise, timesteps = add_noise(batch.latents, alphas_cumprod, generator, config.noise_offset)
+                        noisy, noise, timesteps = noising.sample(batch.latents, generator)
                         prediction = host.predict(noisy, timesteps, cond)
                     target = training_target(host.prediction_type, batch.latents, noise, alphas_cumprod, timesteps)
-                    weights = (min_snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma, host.prediction_type)
-                               if config.min_snr_gamma > 0 else None)
-                    loss = diffusion_loss(prediction, target, weights)
+                    loss = objective(prediction, target, timesteps)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(
