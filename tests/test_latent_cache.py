@@ -214,3 +214,13 @@ def test_prepare_stops_between_chunks(tmp_path):
     # Stop is seen after each chunk of 4: the chunk under way when it came is kept, the last one never encoded.
     assert cache.size().latents == 8
     assert host.progress_log[-1].message.startswith("Stopped.")
+
+
+def test_tag_dropout_encodes_captions_at_every_step_and_stays_seeded(tmp_path):
+    make_concept_images(tmp_path / "data" / "2_concept", count=2)
+    cache = CacheFolder(tmp_path / "cache")
+    first, dropped = train(tmp_path, "a", cache, caption_tag_dropout_rate=0.5)
+    assert first.cache.captions_total == 0 and cache.size().captions == 0  # each step's caption is another text
+    _, again = train(tmp_path, "b", cache, caption_tag_dropout_rate=0.5)
+    _, whole = train(tmp_path, "c", cache)
+    assert identical(dropped, again) and not identical(dropped, whole)

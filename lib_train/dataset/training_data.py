@@ -197,6 +197,7 @@ class TrainingData:
         keep_tokens: int,
         caption_dropout_rate: float,
         seed: int,
+        caption_tag_dropout_rate: float = 0.0,
     ) -> None:
         self.records = list(records)
         self.flip_aug = flip_aug
@@ -204,6 +205,7 @@ class TrainingData:
         self.shuffle_caption = shuffle_caption
         self.keep_tokens = keep_tokens
         self.caption_dropout_rate = caption_dropout_rate
+        self.caption_tag_dropout_rate = caption_tag_dropout_rate
         self.seed = seed
 
         # Indices into bucket_resolutions are the keys of bucket_info(), as in kohya.
@@ -347,6 +349,7 @@ class TrainingData:
                     shuffle=self.shuffle_caption,
                     keep_tokens=self.keep_tokens,
                     dropout_rate=self.caption_dropout_rate,
+                    tag_dropout_rate=self.caption_tag_dropout_rate,
                 )
             )
         return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices], sizes)

@@ -52,6 +52,7 @@ class TrainConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0  # each tag after the first keep_tokens dropped with this chance
     clip_skip: int = 1
 
     # Network
@@ -119,6 +120,8 @@ class TrainConfig:
         need(self.repeats >= 1, f"Repeats must be at least 1 (got {self.repeats}).")
         need(self.keep_tokens >= 0, "Keep tokens cannot be negative.")
         need(0.0 <= self.caption_dropout_rate < 1.0, "Caption dropout must be in [0, 1).")
+        need(0.0 <= self.caption_tag_dropout_rate < 1.0,
+             f"Tag dropout must be in [0, 1) (got {self.caption_tag_dropout_rate}).")
         need(1 <= self.clip_skip <= 12, f"Clip skip must be between 1 and 12 (got {self.clip_skip}).")
         need(self.rank >= 1, f"Rank must be at least 1 (got {self.rank}).")
         need(self.alpha > 0, f"Alpha must be positive (got {self.alpha}).")
@@ -179,6 +182,7 @@ class TrainConfig:
             shuffle_caption=self.shuffle_caption,
             keep_tokens=self.keep_tokens,
             caption_dropout_rate=self.caption_dropout_rate,
+            caption_tag_dropout_rate=self.caption_tag_dropout_rate,
             seed=self.seed,
         )
 

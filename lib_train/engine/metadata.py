@@ -85,7 +85,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_zero_terminal_snr": config.zero_terminal_snr,
         "ss_caption_dropout_rate": config.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": 0,
-        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate,
         "ss_face_crop_aug_range": None,
         "ss_prior_loss_weight": 1.0,
         "ss_min_snr_gamma": config.min_snr_gamma or None,

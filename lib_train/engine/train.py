@@ -230,7 +230,8 @@ def _cache_latents(host: TrainingHost, data: TrainingData, cache: CacheFolder | 
 
 def _conditioning(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None,
                   report: CacheReport) -> ConditioningCache:
-    cacheable = not (config.train_text_encoder or config.shuffle_caption or config.caption_dropout_rate > 0)
+    cacheable = not (config.train_text_encoder or config.shuffle_caption or config.caption_dropout_rate > 0
+                     or config.caption_tag_dropout_rate > 0)
     stored = CaptionStore(cache.text, host.text_encoder_identity(), report) if cache is not None and cacheable else None
     return ConditioningCache(host, cacheable, stored)
 
