@@ -88,6 +88,9 @@ class TrainConfig:
     multires_noise_iterations: int = 0  # 0: off; kohya suggests 6-10
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0  # 0: off; the paper suggests 0.1
+    loraplus_lr_ratio: float = 0.0  # 0: off; up weights train at lr x ratio (LoRA+ suggests 16)
+    loraplus_unet_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
+    loraplus_text_encoder_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
 
     # Saving
     save_every_n_epochs: int = 1  # 0: only the final file
@@ -158,6 +161,14 @@ class TrainConfig:
         need(0 < self.multires_noise_discount <= 1,
              f"Multires noise discount must be in (0, 1] (got {self.multires_noise_discount}).")
         need(0 <= self.ip_noise_gamma <= 1, f"Input perturbation noise gamma must be in [0, 1] (got {self.ip_noise_gamma}).")
+        for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), ("LoRA+ UNet ratio", self.loraplus_unet_lr_ratio),
+                             ("LoRA+ text encoder ratio", self.loraplus_text_encoder_lr_ratio)):
+            need(math.isfinite(ratio) and ratio >= 0, f"{label} cannot be negative (0 turns it off; got {ratio}).")
+
+    def loraplus_ratios(self) -> tuple[float, float]:
+        """(UNet, text encoder) LoRA+ ratios, 0 for off: the part's own ratio, else the common one (kohya's rule)."""
+        return (self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
 
     def noising(self, alphas_cumprod: torch.Tensor) -> Noising:
         return Noising(alphas_cumprod, self.noise_offset, self.multires_noise_iterations,

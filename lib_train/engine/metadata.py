@@ -126,8 +126,9 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_tag_frequency": facts.tag_frequency,
         "ss_bucket_info": json.dumps(facts.bucket_info) if config.enable_buckets else "null",  # as sd-scripts
     }
-    if config.conv_rank > 0:  # sd-scripts adds the network's dropout to the arguments it was given
-        ss["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha), "dropout": None}
+    network_args = _network_args(config)
+    if network_args:  # sd-scripts adds the network's dropout to the arguments it was given
+        ss["ss_network_args"] = {**network_args, "dropout": None}
     if facts.base_model.vae_name:
         ss["ss_vae_name"] = facts.base_model.vae_name
 
@@ -147,6 +148,17 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         spec["modelspec.trigger_phrase"] = config.trigger_words.strip()
     spec["modelspec.implementation_version"] = f"train-tools/{_train_tools_revision()}"
     return {key: _as_text(value) for key, value in {**ss, **spec}.items()}
+
+
+def _network_args(config: TrainConfig) -> dict[str, str]:
+    """What a kohya user passes as --network_args for these settings, as the strings sd-scripts records."""
+    args = {}
+    if config.conv_rank > 0:
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.conv_alpha))
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(config, key):
+            args[key] = str(getattr(config, key))
+    return args
 
 
 @functools.lru_cache(maxsize=1)

@@ -85,8 +85,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                 trained_encoders = text_encoder_modules if config.train_text_encoder else []
                 cleanup.enter_context(gradient_checkpointing(checkpointed_blocks(host.unet, trained_encoders)))
 
-            optimizer = make_optimizer(config.optimizer, network.parameter_groups(config.unet_lr, config.text_encoder_lr),
-                                       config.weight_decay, host.device)
+            groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr, *config.loraplus_ratios())
+            optimizer = make_optimizer(config.optimizer, groups, config.weight_decay, host.device)
             schedule = make_lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, result.total_steps)
             scaler = _grad_scaler() if amp_dtype == torch.float16 else None
             autocast = torch.autocast(host.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
