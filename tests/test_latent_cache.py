@@ -98,7 +98,7 @@ def test_another_size_or_crop_is_another_entry(tmp_path):
     assert back.cache.latents_reused == 2  # both sizes kept
 
     store = TensorStore(tmp_path / "unit")
-    latents = LatentCache(store, "vae", CacheReport())
+    latents = LatentCache(store, "vae", CacheReport(), TensorStore(tmp_path / "unit-masks"))
     picture = tmp_path / "data" / "1_concept" / "img_00.png"
     keys = {latents.key(picture, resized, bucket, flipped)
             for resized, bucket in (((64, 64), (64, 64)), ((96, 64), (64, 64)), ((96, 64), (96, 64)))

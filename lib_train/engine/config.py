@@ -88,6 +88,7 @@ class TrainConfig:
     multires_noise_iterations: int = 0  # 0: off; kohya suggests 6-10
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0  # 0: off; the paper suggests 0.1
+    masked_loss: bool = False  # transparent parts of a picture (alpha 0) do not count
     loraplus_lr_ratio: float = 0.0  # 0: off; up weights train at lr x ratio (LoRA+ suggests 16)
     loraplus_unet_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
     loraplus_text_encoder_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
@@ -194,6 +195,7 @@ class TrainConfig:
             keep_tokens=self.keep_tokens,
             caption_dropout_rate=self.caption_dropout_rate,
             caption_tag_dropout_rate=self.caption_tag_dropout_rate,
+            masked_loss=self.masked_loss,
             seed=self.seed,
         )
 

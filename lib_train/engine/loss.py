@@ -93,7 +93,7 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
 @dataclass(frozen=True)
 class Objective:
     """What a step minimises, in kohya's order: the element-wise loss (L2, Huber or smooth L1 with its c per
-    sample), the mean per sample, the timestep weights (Min-SNR, then debiased), the batch mean."""
+    sample), the alpha mask, the mean per sample, the timestep weights (Min-SNR, then debiased), the batch mean."""
 
     prediction_type: PredictionType
     alphas_cumprod: torch.Tensor
@@ -104,11 +104,16 @@ class Objective:
     min_snr_gamma: float = 0.0  # 0: off
     debiased_estimation: bool = False
 
-    def __call__(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (B, 1, h, w) in [0, 1] at latent size; masked-out elements count as 0 in the mean over all
+        elements, as kohya's masked loss does."""
         thresholds = (None if self.loss_type == "l2" else
                       huber_thresholds(self.huber_schedule, self.huber_c, self.huber_scale, self.alphas_cumprod,
                                        timesteps))
         loss = elementwise_loss(prediction, target, self.loss_type, thresholds)
+        if mask is not None:
+            loss = loss * mask
         per_sample = loss.mean(dim=(1, 2, 3))
         if self.min_snr_gamma > 0:
             per_sample = per_sample * min_snr_weights(self.alphas_cumprod, timesteps, self.min_snr_gamma,

@@ -129,6 +129,8 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
     network_args = _network_args(config)
     if network_args:  # sd-scripts adds the network's dropout to the arguments it was given
         ss["ss_network_args"] = {**network_args, "dropout": None}
+    if config.masked_loss:  # sd-scripts records no masked loss; metadata viewers (lora-inspector) read this key
+        ss["ss_masked_loss"] = True
     if facts.base_model.vae_name:
         ss["ss_vae_name"] = facts.base_model.vae_name
 

@@ -118,7 +118,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                         noisy, noise, timesteps = noising.sample(batch.latents, generator)
                         prediction = host.predict(noisy, timesteps, cond)
                     target = training_target(host.prediction_type, batch.latents, noise, alphas_cumprod, timesteps)
-                    loss = objective(prediction, target, timesteps)
+                    loss = objective(prediction, target, timesteps, batch.masks)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(
@@ -224,7 +224,7 @@ def _cache_latents(host: TrainingHost, data: TrainingData, cache: CacheFolder | 
             raise _StopRequested
         host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
 
-    stored = LatentCache(cache.latents, host.vae_identity(), report) if cache is not None else None
+    stored = LatentCache(cache.latents, host.vae_identity(), report, cache.masks) if cache is not None else None
     data.cache_latents(host.encode_images, host.device, on_progress, cache=stored)
 
 
