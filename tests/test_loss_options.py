@@ -3,12 +3,16 @@ pyramid and input-perturbation noise, each computed independently here and each 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lib_train.common.errors import ConfigError
+from lib_train.engine.config import TrainConfig
 from lib_train.engine.loss import Objective, debiased_weights, elementwise_loss, huber_thresholds, zero_terminal_snr
 from lib_train.engine.noise import Noising, pyramid_noise
 from lib_train.engine.train import train_lora
@@ -205,3 +209,50 @@ def test_settings_of_options_that_are_off_change_nothing(tmp_path):
     _, unused = train(tmp_path, "unused", epochs=2, huber_schedule="exponential", huber_c=0.5, huber_scale=2.0,
                       multires_noise_discount=0.9)
     assert identical(default, unused)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(loss_type="l1"), "Loss type must be one of l2, huber, smooth_l1"),
+    (dict(huber_schedule="linear"), "Huber schedule must be one of snr, exponential, constant"),
+    (dict(huber_c=0.0), "Huber c must be positive"),
+    (dict(huber_scale=-1.0), "Huber scale must be positive"),
+    (dict(multires_noise_iterations=-1), "Multires noise iterations cannot be negative"),
+    (dict(multires_noise_discount=0.0), r"Multires noise discount must be in \(0, 1\]"),
+    (dict(ip_noise_gamma=1.5), r"Input perturbation noise gamma must be in \[0, 1\]"),
+    (dict(caption_tag_dropout_rate=1.0), r"Tag dropout must be in \[0, 1\)"),
+    (dict(loraplus_unet_lr_ratio=-2.0), "LoRA\\+ UNet ratio cannot be negative"),
+])
+def test_bad_values_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(name="x", train_dir="d", output_dir="o", **overrides).validate()
+
+
+def test_the_options_come_from_a_toml_file(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'name = "x"\ntrain_dir = "d"\noutput_dir = "o"\nloss_type = "huber"\nhuber_schedule = "constant"\n'
+        'huber_c = 0.3\ndebiased_estimation_loss = true\nmultires_noise_iterations = 6\nip_noise_gamma = 0.1\n'
+        'caption_tag_dropout_rate = 0.1\nmasked_loss = true\nloraplus_lr_ratio = 16\n', encoding="utf-8")
+    config = TrainConfig.from_toml(tmp_path / "run.toml").validate()
+    assert (config.loss_type, config.huber_c, config.multires_noise_iterations, config.loraplus_lr_ratio) == (
+        "huber", 0.3, 6, 16.0)
+    assert config.debiased_estimation_loss and config.masked_loss and config.loraplus_ratios() == (16.0, 16.0)
+    with pytest.raises(ConfigError, match="Setting 'masked_loss' must be bool"):
+        TrainConfig.from_dict({"masked_loss": "sometimes"})
+
+
+def test_metadata_records_the_options_as_kohya_writes_them(tiny_host, tmp_path):
+    make_concept_images(tmp_path / "data" / "1_concept", count=2)
+    config = tiny_config(tmp_path / "data", tmp_path / "out", epochs=1, loss_type="smooth_l1",
+                         huber_schedule="exponential", huber_c=0.2, huber_scale=1.5, debiased_estimation_loss=True,
+                         multires_noise_iterations=6, multires_noise_discount=0.4, ip_noise_gamma=0.1,
+                         caption_tag_dropout_rate=0.25, masked_loss=True, loraplus_lr_ratio=16.0)
+    with safe_open(str(train_lora(tiny_host, config).saved_files[-1]), "pt") as handle:
+        meta = handle.metadata()
+    assert {key: meta[key] for key in (
+        "ss_loss_type", "ss_huber_schedule", "ss_huber_c", "ss_huber_scale", "ss_debiased_estimation",
+        "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_ip_noise_gamma",
+        "ss_caption_tag_dropout_rate", "ss_masked_loss")} == {
+        "ss_loss_type": "smooth_l1", "ss_huber_schedule": "exponential", "ss_huber_c": "0.2", "ss_huber_scale": "1.5",
+        "ss_debiased_estimation": "True", "ss_multires_noise_iterations": "6", "ss_multires_noise_discount": "0.4",
+        "ss_ip_noise_gamma": "0.1", "ss_caption_tag_dropout_rate": "0.25", "ss_masked_loss": "True"}
+    assert json.loads(meta["ss_network_args"]) == {"loraplus_lr_ratio": "16.0", "dropout": None}
