@@ -35,7 +35,7 @@ def test_a_rerun_takes_every_latent_and_caption_from_the_projects_cache(live):
     assert second.state == "done" and second.model_restored is True
     assert "4 of 4 latents from cache, 4 of 4 captions from cache." in second.message
     assert second.cache == {"latents_reused": 4, "latents_total": 4, "captions_reused": 4, "captions_total": 4,
-                            "problems": []}
+                            "masks_reused": 0, "masks_total": 0, "problems": []}
     assert second.setup_seconds > 0
     rerun = load_file(second.saved_files[-1])
     assert all(torch.equal(lora[k], rerun[k]) for k in lora)

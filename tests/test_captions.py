@@ -132,3 +132,34 @@ def test_process_caption_dropout_rate_and_determinism():
     dropped = Counter(result == "" for result in first)[True]
     assert 500 < dropped < 700  # about 30 %
     assert all(sorted(r.split(", ")) == ["a", "b", "c"] for r in first if r)
+
+
+def test_tag_dropout_drops_single_tags_after_the_kept_ones_deterministically():
+    caption = "sks, 1girl, red hair, smile, outdoors, sky, tree, grass"
+
+    def run(seed, shuffle):
+        rng = random.Random(seed)
+        return [process_caption(caption, rng, shuffle=shuffle, keep_tokens=2, dropout_rate=0.0, tag_dropout_rate=0.25)
+                for _ in range(1000)]
+
+    kept = run(5, shuffle=False)
+    assert kept == run(5, shuffle=False) and kept != run(6, shuffle=False)
+    flexible = split_tags(caption)[2:]
+    for result in kept:
+        tags = result.split(", ")
+        assert tags[:2] == ["sks", "1girl"]  # keep_tokens are never dropped
+        assert tags[2:] == [tag for tag in flexible if tag in tags[2:]]  # not shuffled: the order stays
+    dropped = sum(len(flexible) - (len(r.split(", ")) - 2) for r in kept)
+    assert 0.22 < dropped / (1000 * len(flexible)) < 0.28  # about 25 % of the six droppable tags
+    shuffled = run(5, shuffle=True)
+    assert all(r.split(", ")[:2] == ["sks", "1girl"] and set(r.split(", ")) <= set(split_tags(caption)) for r in shuffled)
+    assert len({tuple(r.split(", ")[2:]) for r in shuffled if len(r.split(", ")) == 8}) > 1  # shuffled, then dropped
+
+
+def test_no_tag_dropout_draws_nothing():
+    """Off, it leaves the caption and the random sequence as they were: earlier runs reproduce bit for bit."""
+    for shuffle in (False, True):
+        plain, off = random.Random(4), random.Random(4)
+        assert (process_caption("a, b, c", plain, shuffle=shuffle, keep_tokens=1, dropout_rate=0.2)
+                == process_caption("a, b, c", off, shuffle=shuffle, keep_tokens=1, dropout_rate=0.2, tag_dropout_rate=0.0))
+        assert plain.random() == off.random()

@@ -108,7 +108,7 @@ def test_another_size_or_crop_is_another_entry(tmp_path):
     assert back.cache.latents_reused == 2  # both sizes kept
 
     store = TensorStore(tmp_path / "unit")
-    latents = LatentCache(store, "vae", CacheReport())
+    latents = LatentCache(store, "vae", CacheReport(), TensorStore(tmp_path / "unit-masks"))
     picture = tmp_path / "data" / "1_concept" / "img_00.png"
     keys = {latents.key(picture, resized, bucket, flipped)
             for resized, bucket in (((64, 64), (64, 64)), ((96, 64), (64, 64)), ((96, 64), (96, 64)))
@@ -235,3 +235,13 @@ def test_weights_digest_samples_the_last_value_of_a_tensor_too_large_for_float32
     before = sampled_weights_digest([holder])
     holder.weights[-1] = 1
     assert sampled_weights_digest([holder]) != before
+
+
+def test_tag_dropout_encodes_captions_at_every_step_and_stays_seeded(tmp_path):
+    make_concept_images(tmp_path / "data" / "2_concept", count=2)
+    cache = CacheFolder(tmp_path / "cache")
+    first, dropped = train(tmp_path, "a", cache, caption_tag_dropout_rate=0.5)
+    assert first.cache.captions_total == 0 and cache.size().captions == 0  # each step's caption is another text
+    _, again = train(tmp_path, "b", cache, caption_tag_dropout_rate=0.5)
+    _, whole = train(tmp_path, "c", cache)
+    assert identical(dropped, again) and not identical(dropped, whole)

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from lib_train.common.errors import ConfigError, TrainingDiverged
 from lib_train.dataset.training_data import load_rgb, pixels_to_tensor
 from lib_train.engine.config import TrainConfig
-from lib_train.engine.loss import add_noise, diffusion_loss, training_target
+from lib_train.engine.loss import diffusion_loss, training_target
 from lib_train.engine.model_guard import fingerprint, hook_count
 from lib_train.engine.network import LoRANetwork
+from lib_train.engine.noise import Noising
 from lib_train.engine.train import train_lora
 from lib_train.hosts.sd1 import build_tiny_sd1
 from lib_train.hosts.standalone import StandaloneHost
@@ -31,7 +32,7 @@ def eval_loss(host, latents, captions, state=None, sizes=None, alphas_cumprod=No
         network.attach()
     with torch.no_grad():
         for _ in range(8):
-            noisy, noise, t = add_noise(latents, schedule, generator)
+            noisy, noise, t = Noising(schedule).sample(latents, generator)
             cond = host.unet_conditioning(host.encode_captions(captions), sizes)
             target = training_target(host.prediction_type, latents, noise, schedule, t)
             losses.append(float(diffusion_loss(host.predict(noisy, t, cond), target)))

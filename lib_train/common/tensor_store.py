@@ -35,12 +35,16 @@ class CacheReport:
     latents_total: int = 0
     captions_reused: int = 0
     captions_total: int = 0  # 0 when captions are not cached (text encoder trained, shuffled or dropped tags)
+    masks_reused: int = 0
+    masks_total: int = 0  # 0 without masked loss
     problems: list[str] = field(default_factory=list)  # damaged entries found and encoded again
 
     def summary(self) -> str:
         parts = [f"{self.latents_reused} of {self.latents_total} latents from cache"]
         if self.captions_total:
             parts.append(f"{self.captions_reused} of {self.captions_total} captions from cache")
+        if self.masks_total:
+            parts.append(f"{self.masks_reused} of {self.masks_total} masks from cache")
         text = ", ".join(parts) + "."
         if self.problems:
             text += (f" {len(self.problems)} damaged cache file(s) encoded again:\n"
@@ -106,28 +110,33 @@ class CacheSize:
     latents: int
     captions: int
     bytes: int
+    masks: int = 0
 
     def describe(self) -> str:
-        return f"{self.latents} latents, {self.captions} captions, {self.bytes / 2**20:.1f} MB"
+        masks = f", {self.masks} masks" if self.masks else ""
+        return f"{self.latents} latents, {self.captions} captions{masks}, {self.bytes / 2**20:.1f} MB"
 
 
 class CacheFolder:
-    """The cache of one training folder: ``latents/`` and ``text/``, together at most ``limit_bytes``."""
+    """The cache of one training folder: ``latents/``, ``text/`` and ``masks/`` (masked loss), together at most
+    ``limit_bytes``."""
 
     def __init__(self, folder: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES):
         self.folder = Path(folder)
         self.limit_bytes = limit_bytes
         self.latents = TensorStore(self.folder / "latents")
         self.text = TensorStore(self.folder / "text")
+        self.masks = TensorStore(self.folder / "masks")
 
     def size(self) -> CacheSize:
-        latents, text = self.latents.entries(), self.text.entries()
-        total = sum(_size_of(path) for path in (*latents, *text))
-        return CacheSize(len(latents), len(text), total)
+        latents, text, masks = self.latents.entries(), self.text.entries(), self.masks.entries()
+        total = sum(_size_of(path) for path in (*latents, *text, *masks))
+        return CacheSize(len(latents), len(text), total, len(masks))
 
     def keep_within_limit(self) -> int:
         """Remove the least recently used entries until the folder fits its limit; returns how many went."""
-        entries = [(path.stat().st_mtime, _size_of(path), path) for path in (*self.latents.entries(), *self.text.entries())]
+        paths = [path for store in self._stores() for path in store.entries()]
+        entries = [(path.stat().st_mtime, _size_of(path), path) for path in paths]
         total, removed = sum(size for _, size, _ in entries), 0
         for _, size, path in sorted(entries, key=lambda entry: entry[0]):
             if total <= self.limit_bytes:
@@ -139,7 +148,7 @@ class CacheFolder:
     def clear(self) -> int:
         """Delete every entry (and temporary files a killed process left); returns how many entries went."""
         removed = 0
-        for store in (self.latents, self.text):
+        for store in self._stores():
             if not store.folder.is_dir():
                 continue
             for path in store.folder.iterdir():
@@ -148,6 +157,9 @@ class CacheFolder:
                 if path.suffix in (ENTRY_SUFFIX, ".tmp"):
                     path.unlink(missing_ok=True)
         return removed
+
+    def _stores(self) -> tuple[TensorStore, ...]:
+        return self.latents, self.text, self.masks
 
 
 def _size_of(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""Caption files: finding, reading (strict UTF-8) and the per-step shuffle/dropout of kohya sd-scripts."""
+"""Caption files: finding, reading (strict UTF-8) and the per-step shuffle and (tag) dropout of kohya sd-scripts."""
 
 from __future__ import annotations
 
@@ -85,13 +85,18 @@ def process_caption(
     shuffle: bool,
     keep_tokens: int,
     dropout_rate: float,
+    tag_dropout_rate: float = 0.0,
 ) -> str:
-    """The caption as the text encoder sees it at one step (kohya's order: dropout, then shuffle)."""
+    """The caption as the text encoder sees it at one step, in kohya's order: the whole caption dropped, else
+    its tags after the first ``keep_tokens`` shuffled, then each of those dropped with ``tag_dropout_rate``."""
     if dropout_rate > 0 and rng.random() < dropout_rate:
         return ""
-    if not shuffle:
+    if not shuffle and tag_dropout_rate <= 0:
         return caption
     tags = split_tags(caption)
     fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flexible)
+    if shuffle:
+        rng.shuffle(flexible)
+    if tag_dropout_rate > 0:
+        flexible = [tag for tag in flexible if rng.random() >= tag_dropout_rate]
     return ", ".join(fixed + flexible)

@@ -10,9 +10,10 @@ import functools
 import importlib
 import importlib.util
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
@@ -66,6 +67,17 @@ def open_clean(
     `shown_as` is the name used in error messages when `path` is a working copy (e.g. a zip member).
     Raises DatasetError naming the file when it is empty, unreadable, damaged or above `pixel_limit` pixels.
     """
+    return _open_upright(path, pixel_limit, shown_as, lambda image: to_rgb(image, background))
+
+
+def open_alpha(path: str | Path, *, pixel_limit: int | None = DEFAULT_PIXEL_LIMIT) -> Image.Image | None:
+    """The transparency ``open_clean`` composites away, upright, as an 8-bit "L" picture (255: opaque); None when
+    the picture has none. Raises DatasetError as ``open_clean`` does."""
+    return _open_upright(path, pixel_limit, None, alpha_channel)
+
+
+def _open_upright(path: str | Path, pixel_limit: int | None, shown_as: str | Path | None,
+                  convert: Callable[[Image.Image], Any]) -> Any:
     path = Path(path)
     name = shown_as if shown_as is not None else path
     try:
@@ -78,7 +90,7 @@ def open_clean(
         with _strict_decoding(), Image.open(path, formats=_readable_formats()) as image:
             _check_pixel_limit(image.size, pixel_limit, name)
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image), background)
+            return convert(ImageOps.exif_transpose(image))
     except DatasetError:
         raise
     except Image.DecompressionBombError as error:
@@ -134,10 +146,22 @@ def to_rgb(image: Image.Image, background: Colour = WHITE) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         # Float pictures (TIFF, PFM) hold 0..1; anything brighter was meant as 0..255.
         image = _scaled_to_l(values * 255.0 if values.max(initial=0.0) <= 1.0 else values)
-    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The alpha that ``to_rgb`` composites, as "L"; None when it composites none (16-bit and float pictures
+    lose their transparency in the scaling)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F" or not _has_alpha(image):
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _TRANSPARENT_MODES or "transparency" in image.info
 
 
 def _scaled_to_l(values: np.ndarray) -> Image.Image:

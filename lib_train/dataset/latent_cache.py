@@ -5,7 +5,8 @@ the bucket it is centre-cropped to, whether it is mirrored, and the VAE encoder.
 a changed picture, crop, bucket, flip or VAE never reuses a stale latent; it does not hold the file's name, so
 a renamed or moved picture is found again. A cached latent is one draw from the VAE's distribution (as kohya
 caches it), made with the run's seed, which the VAE identity holds: another seed encodes again, so a run from the
-cache trains as one without it.
+cache trains as one without it. The loss mask of masked-loss runs (the alpha channel prepared like the picture,
+at latent size) is kept beside it, under the same picture, size, crop and flip but no VAE.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ PREPARATION_VERSION = 1
 
 
 class LatentCache:
-    """The latents of one run's pictures in ``store``, under the host's VAE identity; hits and damaged files
-    are counted in ``report``."""
+    """The latents of one run's pictures in ``store``, under the host's VAE identity, their loss masks in
+    ``mask_store``; hits and damaged files are counted in ``report``."""
 
-    def __init__(self, store: TensorStore, vae_identity: str, report: CacheReport):
+    def __init__(self, store: TensorStore, vae_identity: str, report: CacheReport, mask_store: TensorStore):
         self.store = store
+        self.mask_store = mask_store
         self.vae_identity = vae_identity
         self.report = report
         self._content_hashes: dict[Path, str] = {}
@@ -51,6 +53,29 @@ class LatentCache:
 
     def save(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool, latent: torch.Tensor) -> None:
         self.store.write(self.key(picture, resized_size, bucket, flipped), {"latent": latent})
+
+    def mask_key(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool,
+                 latent_size: tuple[int, int]) -> str:
+        return (f"mask v{PREPARATION_VERSION} | picture sha256 {self._content_hash(picture)} | "
+                f"resized {resized_size[0]}x{resized_size[1]} | bucket {bucket[0]}x{bucket[1]} | "
+                f"flipped {flipped} | latent {latent_size[0]}x{latent_size[1]}")
+
+    def load_mask(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool,
+                  latent_size: tuple[int, int]) -> torch.Tensor | None:
+        self.report.masks_total += 1
+        try:
+            tensors = self.mask_store.read(self.mask_key(picture, resized_size, bucket, flipped, latent_size))
+        except DamagedEntry as damaged:
+            self.report.problems.append(f"{damaged} (mask of {picture.name}{', mirrored' if flipped else ''})")
+            return None
+        if tensors is None:
+            return None
+        self.report.masks_reused += 1
+        return tensors["mask"]
+
+    def save_mask(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool, latent_size: tuple[int, int],
+                  mask: torch.Tensor) -> None:
+        self.mask_store.write(self.mask_key(picture, resized_size, bucket, flipped, latent_size), {"mask": mask})
 
     def _content_hash(self, picture: Path) -> str:
         if picture not in self._content_hashes:

@@ -28,8 +28,9 @@ from .buckets import (
     resize_to_bucket,
 )
 from .captions import find_caption, process_caption, read_caption, split_tags
-from .image_clean import open_clean
+from .image_clean import open_alpha, open_clean
 from .latent_cache import LatentCache
+from .loss_masks import latent_mask
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 
@@ -173,6 +174,7 @@ class Batch:
     captions: list[str]
     records: list[ImageRecord]
     sizes: list[SizeCondition]  # what SDXL is told about each picture's size and crop
+    masks: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1] from the alpha channel, with masked loss
 
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -197,6 +199,8 @@ class TrainingData:
         keep_tokens: int,
         caption_dropout_rate: float,
         seed: int,
+        caption_tag_dropout_rate: float = 0.0,
+        masked_loss: bool = False,
     ) -> None:
         self.records = list(records)
         self.flip_aug = flip_aug
@@ -204,6 +208,8 @@ class TrainingData:
         self.shuffle_caption = shuffle_caption
         self.keep_tokens = keep_tokens
         self.caption_dropout_rate = caption_dropout_rate
+        self.caption_tag_dropout_rate = caption_tag_dropout_rate
+        self.masked_loss = masked_loss
         self.seed = seed
 
         # Indices into bucket_resolutions are the keys of bucket_info(), as in kohya.
@@ -224,6 +230,7 @@ class TrainingData:
 
         self._latents: list[torch.Tensor] | None = None
         self._flipped_latents: list[torch.Tensor] | None = None
+        self._masks: dict[tuple[int, bool], torch.Tensor] | None = None  # (index, mirrored), with masked loss
 
     def _choose_no_upscale_buckets(self, resolution: int, step: int) -> list[BucketChoice]:
         choices = [choose_no_upscale_bucket(r.size, resolution, step) for r in self.records]
@@ -263,7 +270,8 @@ class TrainingData:
     ) -> None:
         """Encode every image once (and its mirror image with flip_aug), or take its latent from ``cache`` and
         put the ones encoded there; keep the latents on `device`. Without a cache hit the pictures are encoded in
-        the same chunks and order as without a cache, so the host's VAE sampling draws the same noise."""
+        the same chunks and order as without a cache, so the host's VAE sampling draws the same noise. With masked
+        loss each latent gets its mask, from ``cache`` too."""
         variants = (False, True) if self.flip_aug else (False,)
         found: dict[tuple[int, bool], torch.Tensor] = {}
         if cache is not None:
@@ -299,6 +307,25 @@ class TrainingData:
         order = range(len(self.records))
         self._latents = [found[i, False] for i in order]
         self._flipped_latents = [found[i, True] for i in order] if self.flip_aug else None
+        if self.masked_loss:
+            self._masks = self._prepare_masks(found, variants, device, cache)
+
+    def _prepare_masks(self, latents: dict[tuple[int, bool], torch.Tensor], variants: tuple[bool, ...],
+                       device: torch.device, cache: LatentCache | None) -> dict[tuple[int, bool], torch.Tensor]:
+        masks = {}
+        for index, record in enumerate(self.records):
+            alpha, alpha_read = None, False
+            for flipped in variants:
+                latent_size = tuple(latents[index, flipped].shape[-2:])
+                mask = cache.load_mask(record.path, *self._prepared(index), flipped, latent_size) if cache else None
+                if mask is None:
+                    if not alpha_read:  # one decode for both mirror images
+                        alpha, alpha_read = open_alpha(record.path), True
+                    mask = latent_mask(alpha, *self._prepared(index), flipped, latent_size)
+                    if cache is not None:
+                        cache.save_mask(record.path, *self._prepared(index), flipped, latent_size, mask)
+                masks[index, flipped] = mask.to(device=device, dtype=torch.float32)
+        return masks
 
     def _prepared(self, index: int) -> tuple[Size, Size]:
         """How a picture is prepared for its bucket: the size it is resized to, then the bucket it is cropped to."""
@@ -335,10 +362,12 @@ class TrainingData:
         latents: list[torch.Tensor],
         flipped: list[torch.Tensor] | None,
     ) -> Batch:
-        chosen, captions, sizes = [], [], []
+        chosen, captions, sizes, masks = [], [], [], []
         for i in indices:
             mirrored = flipped is not None and rng.random() < 0.5
             chosen.append(flipped[i] if mirrored else latents[i])
+            if self._masks is not None:
+                masks.append(self._masks[i, mirrored])
             sizes.append(self.size_condition(i, mirrored))
             captions.append(
                 process_caption(
@@ -347,9 +376,11 @@ class TrainingData:
                     shuffle=self.shuffle_caption,
                     keep_tokens=self.keep_tokens,
                     dropout_rate=self.caption_dropout_rate,
+                    tag_dropout_rate=self.caption_tag_dropout_rate,
                 )
             )
-        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices], sizes)
+        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices], sizes,
+                     torch.stack(masks) if masks else None)
 
     def size_condition(self, index: int, mirrored: bool = False) -> SizeCondition:
         """As kohya conditions SDXL: the picture's size, where the centre crop starts in the resized picture

@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..common.errors import ConfigError
 from ..dataset.training_data import ImageRecord, TrainingData
+from ..hosts.protocol import PredictionType
+from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
+from .noise import Noising
 
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
@@ -47,6 +52,7 @@ class TrainConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0  # each tag after the first keep_tokens dropped with this chance
     clip_skip: int = 1
 
     # Network
@@ -72,6 +78,20 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 42
+
+    # Loss and noise (kohya's options; the defaults are plain L2 on plain noise)
+    loss_type: str = "l2"  # l2, huber or smooth_l1
+    huber_schedule: str = "snr"  # how Huber's c follows the timestep: snr, exponential or constant
+    huber_c: float = 0.1
+    huber_scale: float = 1.0  # multiplies c in the exponential and constant schedules (not snr, as kohya)
+    debiased_estimation_loss: bool = False
+    multires_noise_iterations: int = 0  # 0: off; kohya suggests 6-10
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0  # 0: off; the paper suggests 0.1
+    masked_loss: bool = False  # transparent parts of a picture (alpha 0) do not count
+    loraplus_lr_ratio: float = 0.0  # 0: off; up weights train at lr x ratio (LoRA+ suggests 16)
+    loraplus_unet_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
+    loraplus_text_encoder_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
 
     # Saving
     save_every_n_epochs: int = 1  # 0: only the final file
@@ -104,6 +124,8 @@ class TrainConfig:
         need(self.repeats >= 1, f"Repeats must be at least 1 (got {self.repeats}).")
         need(self.keep_tokens >= 0, "Keep tokens cannot be negative.")
         need(0.0 <= self.caption_dropout_rate < 1.0, "Caption dropout must be in [0, 1).")
+        need(0.0 <= self.caption_tag_dropout_rate < 1.0,
+             f"Tag dropout must be in [0, 1) (got {self.caption_tag_dropout_rate}).")
         need(1 <= self.clip_skip <= 12, f"Clip skip must be between 1 and 12 (got {self.clip_skip}).")
         need(self.rank >= 1, f"Rank must be at least 1 (got {self.rank}).")
         need(self.alpha > 0, f"Alpha must be positive (got {self.alpha}).")
@@ -123,10 +145,39 @@ class TrainConfig:
         need(0 <= self.noise_offset < 1, "Noise offset must be in [0, 1).")
         need(self.mixed_precision in MIXED_PRECISIONS,
              f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
+        self._validate_loss_and_noise(need)
         need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
         return self
+
+    def _validate_loss_and_noise(self, need) -> None:
+        need(self.loss_type in LOSS_TYPES, f"Loss type must be one of {', '.join(LOSS_TYPES)} (got {self.loss_type!r}).")
+        need(self.huber_schedule in HUBER_SCHEDULES,
+             f"Huber schedule must be one of {', '.join(HUBER_SCHEDULES)} (got {self.huber_schedule!r}).")
+        need(math.isfinite(self.huber_c) and self.huber_c > 0, f"Huber c must be positive (got {self.huber_c}).")
+        need(math.isfinite(self.huber_scale) and self.huber_scale > 0,
+             f"Huber scale must be positive (got {self.huber_scale}).")
+        need(self.multires_noise_iterations >= 0, "Multires noise iterations cannot be negative (0 turns it off).")
+        need(0 < self.multires_noise_discount <= 1,
+             f"Multires noise discount must be in (0, 1] (got {self.multires_noise_discount}).")
+        need(0 <= self.ip_noise_gamma <= 1, f"Input perturbation noise gamma must be in [0, 1] (got {self.ip_noise_gamma}).")
+        for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), ("LoRA+ UNet ratio", self.loraplus_unet_lr_ratio),
+                             ("LoRA+ text encoder ratio", self.loraplus_text_encoder_lr_ratio)):
+            need(math.isfinite(ratio) and ratio >= 0, f"{label} cannot be negative (0 turns it off; got {ratio}).")
+
+    def loraplus_ratios(self) -> tuple[float, float]:
+        """(UNet, text encoder) LoRA+ ratios, 0 for off: the part's own ratio, else the common one (kohya's rule)."""
+        return (self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
+
+    def noising(self, alphas_cumprod: torch.Tensor) -> Noising:
+        return Noising(alphas_cumprod, self.noise_offset, self.multires_noise_iterations,
+                       self.multires_noise_discount, self.ip_noise_gamma)
+
+    def objective(self, prediction_type: PredictionType, alphas_cumprod: torch.Tensor) -> Objective:
+        return Objective(prediction_type, alphas_cumprod, self.loss_type, self.huber_schedule, self.huber_c,
+                         self.huber_scale, self.min_snr_gamma, self.debiased_estimation_loss)
 
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""
@@ -143,6 +194,8 @@ class TrainConfig:
             shuffle_caption=self.shuffle_caption,
             keep_tokens=self.keep_tokens,
             caption_dropout_rate=self.caption_dropout_rate,
+            caption_tag_dropout_rate=self.caption_tag_dropout_rate,
+            masked_loss=self.masked_loss,
             seed=self.seed,
         )
 

@@ -79,25 +79,25 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_cache_latents": True,
         "ss_lowram": False,
         "ss_noise_offset": config.noise_offset or None,
-        "ss_multires_noise_iterations": None,
-        "ss_multires_noise_discount": 0.3,
+        "ss_multires_noise_iterations": config.multires_noise_iterations or None,
+        "ss_multires_noise_discount": config.multires_noise_discount,
         "ss_adaptive_noise_scale": None,
         "ss_zero_terminal_snr": config.zero_terminal_snr,
         "ss_caption_dropout_rate": config.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": 0,
-        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate,
         "ss_face_crop_aug_range": None,
         "ss_prior_loss_weight": 1.0,
         "ss_min_snr_gamma": config.min_snr_gamma or None,
         "ss_scale_weight_norms": None,
-        "ss_ip_noise_gamma": None,
-        "ss_debiased_estimation": False,
+        "ss_ip_noise_gamma": config.ip_noise_gamma or None,
+        "ss_debiased_estimation": config.debiased_estimation_loss,
         "ss_noise_offset_random_strength": False,
         "ss_ip_noise_gamma_random_strength": False,
-        "ss_loss_type": "l2",
-        "ss_huber_schedule": "snr",
-        "ss_huber_scale": 1.0,
-        "ss_huber_c": 0.1,
+        "ss_loss_type": config.loss_type,
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_huber_scale": config.huber_scale,
+        "ss_huber_c": config.huber_c,
         "ss_fp8_base": False,
         "ss_fp8_base_unet": False,
         "ss_num_validation_images": 0,
@@ -126,8 +126,11 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_tag_frequency": facts.tag_frequency,
         "ss_bucket_info": json.dumps(facts.bucket_info) if config.enable_buckets else "null",  # as sd-scripts
     }
-    if config.conv_rank > 0:  # sd-scripts adds the network's dropout to the arguments it was given
-        ss["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha), "dropout": None}
+    network_args = _network_args(config)
+    if network_args:  # sd-scripts adds the network's dropout to the arguments it was given
+        ss["ss_network_args"] = {**network_args, "dropout": None}
+    if config.masked_loss:  # sd-scripts records no masked loss; metadata viewers (lora-inspector) read this key
+        ss["ss_masked_loss"] = True
     if facts.base_model.vae_name:
         ss["ss_vae_name"] = facts.base_model.vae_name
 
@@ -147,6 +150,17 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         spec["modelspec.trigger_phrase"] = config.trigger_words.strip()
     spec["modelspec.implementation_version"] = f"train-tools/{_train_tools_revision()}"
     return {key: _as_text(value) for key, value in {**ss, **spec}.items()}
+
+
+def _network_args(config: TrainConfig) -> dict[str, str]:
+    """What a kohya user passes as --network_args for these settings, as the strings sd-scripts records."""
+    args = {}
+    if config.conv_rank > 0:
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.conv_alpha))
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(config, key):
+            args[key] = str(getattr(config, key))
+    return args
 
 
 @functools.lru_cache(maxsize=1)

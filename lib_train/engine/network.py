@@ -137,12 +137,33 @@ class LoRANetwork(nn.Module):
                 module.lora_up.weight.copy_(state[f"{module.key}.lora_up.weight"])
                 module.alpha.copy_(state[f"{module.key}.alpha"])
 
-    def parameter_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
-        groups = [{"params": list(self.unet_modules.parameters()), "lr": unet_lr, "name": "unet"}]
+    def parameter_groups(self, unet_lr: float, text_encoder_lr: float, unet_up_ratio: float = 0.0,
+                         text_encoder_up_ratio: float = 0.0) -> list[dict]:
+        """The optimizer's groups: the UNet's modules, then the text encoders'. With a LoRA+ ratio (0: off) a
+        part's up weights get their own group ("unet plus", "text_encoder plus") at its learning rate × ratio."""
+        groups = _lr_groups("unet", self.unet_modules, unet_lr, unet_up_ratio)
         if len(self.text_encoder_modules):
-            groups.append({"params": list(self.text_encoder_modules.parameters()), "lr": text_encoder_lr,
-                           "name": "text_encoder"})
+            groups += _lr_groups("text_encoder", self.text_encoder_modules, text_encoder_lr, text_encoder_up_ratio)
         return groups
+
+
+def is_up_weight(parameter_name: str) -> bool:
+    """LoRA+ (Hayou et al. 2024) trains B of ΔW = B·A, the zero-initialised output side, faster. It is chosen by
+    the parameter's name in the file's layout, as kohya's networks.lora and LyCORIS choose it: everything under a
+    ``lora_up`` (LoRA, LoCon, DoRA's up). LoHa's ``hada_*`` and LoKr's ``lokr_*`` factors have none, so LyCORIS, and
+    this, train them at the base rate."""
+    return "lora_up" in parameter_name
+
+
+def _lr_groups(name: str, modules: nn.ModuleList, lr: float, up_ratio: float) -> list[dict]:
+    if not up_ratio:
+        return [{"params": list(modules.parameters()), "lr": lr, "name": name}]
+    named = list(modules.named_parameters())
+    groups = [{"params": [p for n, p in named if not is_up_weight(n)], "lr": lr, "name": name}]
+    up = [p for n, p in named if is_up_weight(n)]
+    if up:
+        groups.append({"params": up, "lr": lr * up_ratio, "name": f"{name} plus"})
+    return groups
 
 
 

@@ -18,7 +18,7 @@ from ..dataset.latent_cache import LatentCache
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
 from ..hosts.protocol import PredictionType, Progress, TrainingHost
 from .config import TrainConfig
-from .loss import add_noise, diffusion_loss, min_snr_weights, training_target, zero_terminal_snr
+from .loss import training_target, zero_terminal_snr
 from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import checkpointed_blocks, frozen, gradient_checkpointing
 from .network import LoRANetwork
@@ -85,8 +85,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                 trained_encoders = text_encoder_modules if config.train_text_encoder else []
                 cleanup.enter_context(gradient_checkpointing(checkpointed_blocks(host.unet, trained_encoders)))
 
-            optimizer = make_optimizer(config.optimizer, network.parameter_groups(config.unet_lr, config.text_encoder_lr),
-                                       config.weight_decay, host.device)
+            groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr, *config.loraplus_ratios())
+            optimizer = make_optimizer(config.optimizer, groups, config.weight_decay, host.device)
             schedule = make_lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, result.total_steps)
             scaler = _grad_scaler() if amp_dtype == torch.float16 else None
             autocast = torch.autocast(host.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -94,6 +94,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
             alphas_cumprod = host.alphas_cumprod().to(host.device, torch.float32)
             if config.zero_terminal_snr:
                 alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+            noising = config.noising(alphas_cumprod)
+            objective = config.objective(host.prediction_type, alphas_cumprod)
             conditioning = _conditioning(host, config, cache, result.cache)
             # Encoded up front, so offloading hosts (the WebUI's --medvram) swap the text encoder in only once.
             conditioning.prefill([record.caption for record in data.records])
@@ -113,12 +115,10 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                         raise _StopRequested
                     with autocast:
                         cond = host.unet_conditioning(conditioning.encode(batch.captions), batch.sizes)
-                        noisy, noise, timesteps = add_noise(batch.latents, alphas_cumprod, generator, config.noise_offset)
+                        noisy, noise, timesteps = noising.sample(batch.latents, generator)
                         prediction = host.predict(noisy, timesteps, cond)
                     target = training_target(host.prediction_type, batch.latents, noise, alphas_cumprod, timesteps)
-                    weights = (min_snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma, host.prediction_type)
-                               if config.min_snr_gamma > 0 else None)
-                    loss = diffusion_loss(prediction, target, weights)
+                    loss = objective(prediction, target, timesteps, batch.masks)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(
@@ -224,13 +224,14 @@ def _cache_latents(host: TrainingHost, data: TrainingData, cache: CacheFolder | 
             raise _StopRequested
         host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
 
-    stored = LatentCache(cache.latents, host.vae_identity(), report) if cache is not None else None
+    stored = LatentCache(cache.latents, host.vae_identity(), report, cache.masks) if cache is not None else None
     data.cache_latents(host.encode_images, host.device, on_progress, cache=stored)
 
 
 def _conditioning(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None,
                   report: CacheReport) -> ConditioningCache:
-    cacheable = not (config.train_text_encoder or config.shuffle_caption or config.caption_dropout_rate > 0)
+    cacheable = not (config.train_text_encoder or config.shuffle_caption or config.caption_dropout_rate > 0
+                     or config.caption_tag_dropout_rate > 0)
     stored = CaptionStore(cache.text, host.text_encoder_identity(), report) if cache is not None and cacheable else None
     return ConditioningCache(host, cacheable, stored)
 

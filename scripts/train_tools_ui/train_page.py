@@ -17,6 +17,7 @@ from lib_train.common.errors import TrainToolsError
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
 from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
 from lib_train.engine.family_defaults import defaults_switch
+from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
 
 from .webui_context import jobs
 
@@ -71,6 +72,36 @@ def _loss_settings(c: dict, d: TrainConfig) -> None:
         c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
         c["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr, label="Zero terminal SNR (v-prediction models)",
                                              elem_id="train_tools_zero_terminal_snr")
+    with gr.Row():
+        c["loss_type"] = gr.Dropdown(list(LOSS_TYPES), value=d.loss_type, label="Loss (l2: the usual; huber, smooth_l1: "
+                                     "pictures far from the rest pull less)", elem_id="train_tools_loss_type")
+        c["huber_schedule"] = gr.Dropdown(list(HUBER_SCHEDULES), value=d.huber_schedule, label="Huber c over the "
+                                          "timesteps (snr: like L2 on the clean steps)", elem_id="train_tools_huber_schedule")
+        c["huber_c"] = gr.Number(d.huber_c, label="Huber c (errors below it count squared, above it linearly)",
+                                 elem_id="train_tools_huber_c")
+        c["huber_scale"] = gr.Number(d.huber_scale, label="Huber scale (exponential and constant schedules)",
+                                     elem_id="train_tools_huber_scale")
+    with gr.Row():
+        c["debiased_estimation_loss"] = gr.Checkbox(d.debiased_estimation_loss, label="Debiased estimation (weigh "
+                                                    "steps by 1/√SNR: more detail, less colour shift)",
+                                                    elem_id="train_tools_debiased_estimation_loss")
+        c["multires_noise_iterations"] = gr.Number(d.multires_noise_iterations, label="Multi-resolution noise "
+                                                   "levels (0: off; 6-10)", precision=0,
+                                                   elem_id="train_tools_multires_noise_iterations")
+        c["multires_noise_discount"] = gr.Number(d.multires_noise_discount, label="Multi-resolution noise discount "
+                                                 "(weight per coarser level)", elem_id="train_tools_multires_noise_discount")
+        c["ip_noise_gamma"] = gr.Number(d.ip_noise_gamma, label="Input perturbation noise (0: off; 0.1 regularises)",
+                                        elem_id="train_tools_ip_noise_gamma")
+    with gr.Row():
+        c["masked_loss"] = gr.Checkbox(d.masked_loss, label="Masked loss: transparent parts of the pictures do not "
+                                       "count", elem_id="train_tools_masked_loss")
+        c["loraplus_lr_ratio"] = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio: up weights learn ratio × faster "
+                                           "(0: off; 16)", elem_id="train_tools_loraplus_lr_ratio")
+        c["loraplus_unet_lr_ratio"] = gr.Number(d.loraplus_unet_lr_ratio, label="LoRA+ ratio of the UNet only (0: the "
+                                                "LoRA+ ratio)", elem_id="train_tools_loraplus_unet_lr_ratio")
+        c["loraplus_text_encoder_lr_ratio"] = gr.Number(d.loraplus_text_encoder_lr_ratio, label="LoRA+ ratio of the "
+                                                        "text encoder only (0: the LoRA+ ratio)",
+                                                        elem_id="train_tools_loraplus_text_encoder_lr_ratio")
 
 
 def _data_settings(c: dict, d: TrainConfig) -> None:
@@ -83,6 +114,9 @@ def _data_settings(c: dict, d: TrainConfig) -> None:
         c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags (captions are then encoded at every "
                                            "step: slower, more VRAM on SDXL)", elem_id="train_tools_shuffle_caption")
         c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
+        c["caption_tag_dropout_rate"] = gr.Number(d.caption_tag_dropout_rate, label="Tag dropout (each tag after the "
+                                                  "kept ones left out this often; encoded at every step too)",
+                                                  elem_id="train_tools_caption_tag_dropout_rate")
 
 
 def _memory_settings(c: dict, d: TrainConfig) -> None:
