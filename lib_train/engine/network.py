@@ -63,7 +63,7 @@ class LoRANetwork(nn.Module):
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def build(targets: list[LoraTarget]) -> list[NetworkModule]:
-            return [_new_module(spec, target, generator, host.device) for target in targets]
+            return [new_module(spec, target, generator, host.device) for target in targets]
 
         unet_part, text_part = _host_targets(host, with_convs=spec.with_convs, lycoris=spec.lycoris)
         unet_modules = build(unet_part)
@@ -157,8 +157,9 @@ def _host_targets(host: TrainingHost, with_convs: bool, lycoris: bool) -> tuple[
     return model_targets(host.family, host.unet, encoders, with_convs, lycoris)
 
 
-def _new_module(spec: NetworkSpec, target: LoraTarget, generator: torch.Generator,
-                device: torch.device) -> NetworkModule:
+def new_module(spec: NetworkSpec, target: LoraTarget, generator: torch.Generator | None = None,
+               device: torch.device | None = None) -> NetworkModule:
+    """A freshly initialised module of the spec's type for one target (conv rank/alpha on 3x3 convolutions)."""
     rank, alpha = (spec.conv_rank, spec.conv_alpha) if target.is_conv_3x3 else (spec.rank, spec.alpha)
     common = dict(generator=generator, device=device, fused_part=target.fused_part)
     if spec.algo == "loha":
