@@ -18,8 +18,10 @@ from lib_train.engine.model_guard import fingerprint
 from lib_train.engine.network import LoRANetwork, new_module
 from lib_train.engine.network_lokr import factorization
 from lib_train.engine.network_spec import NetworkSpec
+from lib_train.engine.train import train_lora
 
 from . import a1111_lora
+from .conftest import make_concept_images, tiny_config
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.functional import factorization as lycoris_factorization  # noqa: E402
@@ -200,3 +202,17 @@ def test_unsupported_lycoris_tensors_are_refused_by_name(tiny_host):
     dora[key] = torch.ones(dora[key].shape[1], 1)  # LyCORIS's default axis: one magnitude per output channel
     with pytest.raises(ValueError, match="per output channel"):
         LoRANetwork.for_kohya_state_dict(tiny_host, dora)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_each_type_trains_under_bf16_autocast(tiny_host, tmp_path, name):
+    """Mixed precision: ΔW is built in float32 and cast by autocast where it meets the activations."""
+    make_concept_images(tmp_path / "data" / "2_concept", count=2)
+    before = fingerprint(tiny_host.model)
+    result = train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "out", epochs=1, mixed_precision="bf16",
+                                               **NETWORKS[name]))
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+    state = load_file(str(result.saved_files[-1]))
+    # The factors that start at zero (LoRA up, LoHa w2_a, LoKr w2_b / w2) have moved.
+    assert any(state[k].abs().sum() > 0 for k in state if k.endswith(("lora_up.weight", "hada_w2_a", "lokr_w2_b")))
+    assert fingerprint(tiny_host.model) == before
