@@ -26,6 +26,10 @@ def a1111_compvis_name(key: str) -> str | None:
                 return ldm
         return rest
 
+    if key in ("lora_unet_conv_in", "lora_unet_conv_out"):
+        return "diffusion_model_input_blocks_0_0" if key.endswith("in") else "diffusion_model_out_2"
+    if m := re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)", key):
+        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}"
     if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         rest = rest if kind == "attentions" else resnet(rest)
@@ -102,3 +106,18 @@ def test_only_convs_3x3_get_conv_rank(sd15_on_meta):
             assert isinstance(target.module, nn.Conv2d) and target.module.kernel_size == (3, 3)
         else:
             assert isinstance(target.module, nn.Linear) or target.module.kernel_size == (1, 1)
+
+
+def test_lycoris_layer_set_at_full_size_resolves_in_the_webui(sd15_on_meta):
+    """LyCORIS's default preset (LoHa, LoKr, DoRA files): all ResBlocks' and samplers' layers, the time embedding and,
+    with convs, conv_in/conv_out; each resolves to the layer trained."""
+    mapping = webui_layer_mapping(sd15_on_meta)
+    with_convs = unet_targets(sd15_on_meta.unet, with_convs=True, lycoris=True)
+    without = unet_targets(sd15_on_meta.unet, with_convs=False, lycoris=True)
+    # 278 + conv_in, conv_out, time_embedding.linear_1/2; without convs: 192 attention + 22 time_emb_proj +
+    # 14 conv_shortcut (1x1) + the two time-embedding Linears.
+    assert (len(with_convs), len(without)) == (282, 230)
+    assert {t.key for t in without} < {t.key for t in with_convs}
+    assert not any(t.is_conv_3x3 for t in without)
+    for target in with_convs:
+        assert mapping.get(a1111_compvis_name(target.key)) is target.module, target.key

@@ -27,22 +27,27 @@ from .webui_standin_txt2img import install_txt2img
 WEIGHTS = "0, 0.5, 1"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def train_in_webui(root, **settings):
+    """The job runner's training on the stand-in WebUI (a LoCon unless ``settings`` say otherwise)."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("grid")
     webui = make_webui(root / "models" / "Lora")
     install_txt2img(webui)
     jobs = TrainingJobs(webui, Folders(lora_dir=root / "models" / "Lora", projects_dir=root / "projects",
                                        data_dir=root, exposed=False))
     make_concept_images(root / "pictures" / "2_concept", count=4)
-    config = jobs.prepare(dict(name="gridlora", train_dir=str(root / "pictures"), resolution=64, enable_buckets=False,
-                               rank=4, alpha=4.0, conv_rank=2, conv_alpha=1.0, epochs=2, batch_size=2, unet_lr=3e-3,
-                               text_encoder_lr=3e-3, lr_scheduler="constant", seed=3, trigger_words="ttconcept",
-                               save_precision="fp32"))
+    values = dict(name="gridlora", train_dir=str(root / "pictures"), resolution=64, enable_buckets=False,
+                  rank=4, alpha=4.0, conv_rank=2, conv_alpha=1.0, epochs=2, batch_size=2, unet_lr=3e-3,
+                  text_encoder_lr=3e-3, lr_scheduler="constant", seed=3, trigger_words="ttconcept",
+                  save_precision="fp32")
+    config = jobs.prepare({**values, **settings})
     job = jobs.run(jobs.begin(), config)
     assert job.state == "done", job.error
     return webui, jobs, root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_in_webui(tmp_path_factory.mktemp("grid"))
 
 
 def grid_values(**overrides) -> dict:
@@ -83,7 +88,17 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 def test_every_cell_equals_the_merged_lora_render(trained):
-    webui, jobs, root = trained
+    assert_cells_equal_merged_renders(*trained)
+
+
+@pytest.mark.parametrize("settings", [dict(network_type="loha"), dict(network_type="locon", dora=True)],
+                         ids=["loha_conv", "locon_dora"])
+def test_lycoris_types_cells_equal_the_merged_render(tmp_path, settings):
+    """LoHa and DoRA epochs through the grid: UNet by our per-sample hooks, text encoder by the built-in Lora."""
+    assert_cells_equal_merged_renders(*train_in_webui(tmp_path, **settings))
+
+
+def assert_cells_equal_merged_renders(webui, jobs, root):
     before = fingerprint(webui.shared.sd_model)
     request, job = render(jobs)
     assert job.state == "done", job.error

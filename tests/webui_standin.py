@@ -21,6 +21,8 @@ from lib_train.hosts.clip_tokenizer import clip_tokenizer
 from lib_train.hosts.sd1 import VAE_SCALE_FACTOR, build_tiny_sd1, sd1_alphas_cumprod
 from lib_train.webui.host import WebUI
 
+from . import a1111_lora
+
 
 class State:
     """The fields of modules.shared_state.State that the adapter and the progress API use."""
@@ -111,21 +113,20 @@ def restore_from_backup(module):
 
 
 def merge_lora(sd_model, state: dict, te_weight: float, unet_weight: float, name: str = "lora") -> None:
-    """What the built-in Lora does for <lora:name:w>: back each layer up, then W' = W + (up @ down)·alpha/rank·w,
-    in that order of operations (its calc_updown and finalize_updown)."""
-    targets = [(t, unet_weight) for t in unet_targets(sd_model.model.diffusion_model, with_convs=True)] + \
+    """What the built-in Lora does for <lora:name:w>: back each layer up, then W' = W + ΔW·w with ΔW of the layer's
+    module type (LoRA, LoHa, LoKr, DoRA: tests/a1111_lora.py), in its order of operations."""
+    targets = [(t, unet_weight) for t in unet_targets(sd_model.model.diffusion_model, with_convs=True, lycoris=True)] + \
         [(t, te_weight) for t in text_encoder_targets(sd_model.cond_stage_model.wrapped.transformer, "lora_te")]
+    layers = a1111_lora.split_by_layer(state)
     with torch.no_grad():
         for target, weight in targets:
-            if f"{target.key}.lora_down.weight" not in state or weight == 0:
+            if target.key not in layers or weight == 0:
                 continue
-            down, up = state[f"{target.key}.lora_down.weight"], state[f"{target.key}.lora_up.weight"]
-            updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(target.module.weight.shape)
-            updown = updown * (float(state[f"{target.key}.alpha"]) / down.shape[0]) * weight
             module = target.module
             if getattr(module, "network_weights_backup", None) is None:
                 module.network_weights_backup = module.weight.detach().clone()
-            module.weight.copy_(module.network_weights_backup + updown)
+            module.weight.copy_(module.network_weights_backup)
+            a1111_lora.merge_layer(module, layers[target.key], weight)
             module.network_current_names = ((name, te_weight, unet_weight, None),)
 
 

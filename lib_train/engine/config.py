@@ -16,11 +16,13 @@ from ..dataset.training_data import ImageRecord, TrainingData
 from ..hosts.protocol import PredictionType
 from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
 from .noise import Noising
+from .network_spec import LABELS
 
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+NETWORK_TYPES = tuple(LABELS)
 
 
 @dataclass
@@ -58,8 +60,12 @@ class TrainConfig:
     # Network
     rank: int = 16
     alpha: float = 8.0
-    conv_rank: int = 0  # 0: no LoCon convs
+    conv_rank: int = 0  # 0: no 3x3 convs (with "lora", a conv rank makes it LoCon, as before)
     conv_alpha: float = 1.0
+    network_type: str = "lora"  # lora, locon, loha, lokr (LyCORIS algo)
+    dora: bool = False  # weight decomposition on lora/locon (LyCORIS dora_wd)
+    lokr_factor: int = -1  # LyCORIS factor: -1 splits each weight side near its square root
+    decompose_both: bool = False  # LoKr: the small Kronecker factor low-rank too
 
     # Optimisation
     epochs: int = 10
@@ -131,6 +137,7 @@ class TrainConfig:
         need(self.alpha > 0, f"Alpha must be positive (got {self.alpha}).")
         need(self.conv_rank >= 0, "Conv rank cannot be negative.")
         need(self.conv_rank == 0 or self.conv_alpha > 0, "Conv alpha must be positive.")
+        self._validate_network_type(need)
         need(self.epochs >= 1, f"Epochs must be at least 1 (got {self.epochs}).")
         need(self.batch_size >= 1, f"Batch size must be at least 1 (got {self.batch_size}).")
         for label, lr in (("UNet", self.unet_lr), ("Text encoder", self.text_encoder_lr)):
@@ -178,6 +185,20 @@ class TrainConfig:
     def objective(self, prediction_type: PredictionType, alphas_cumprod: torch.Tensor) -> Objective:
         return Objective(prediction_type, alphas_cumprod, self.loss_type, self.huber_schedule, self.huber_c,
                          self.huber_scale, self.min_snr_gamma, self.debiased_estimation_loss)
+
+    def _validate_network_type(self, need) -> None:
+        need(self.network_type in NETWORK_TYPES, f"Network type must be one of {', '.join(NETWORK_TYPES)} "
+             f"(got {self.network_type!r}).")
+        need(self.network_type != "locon" or self.conv_rank > 0,
+             "LoCon also trains the 3x3 convolutions: give it a conv rank above 0, or choose LoRA.")
+        need(not self.dora or self.network_type in ("lora", "locon"),
+             f"DoRA (weight decomposition) applies to LoRA and LoCon only, not to "
+             f"{LABELS.get(self.network_type)}: turn DoRA off or choose LoRA/LoCon.")
+        need(self.network_type == "lokr" or (self.lokr_factor == -1 and not self.decompose_both),
+             "LoKr factor and decompose-both apply to LoKr only: choose LoKr, or set the factor back to -1 and "
+             "turn decompose-both off.")
+        need(self.lokr_factor == -1 or self.lokr_factor >= 1,
+             f"LoKr factor must be -1 (automatic) or at least 1 (got {self.lokr_factor}).")
 
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""

@@ -20,6 +20,15 @@ from ..hosts.protocol import ModelFamily
 ATTENTION_CONTAINERS = ("SpatialTransformer",)
 CONV_CONTAINERS = ("ResBlock", "Downsample", "Upsample")
 
+# Layers outside any container that LyCORIS's default preset also targets, by their diffusers names
+# (``unet_target_name``). kohya's SDXL UNet has the LDM tree, where these names do not exist, so SDXL has none.
+LYCORIS_TOP_LEVEL = {
+    "input_blocks.0.0": "conv_in",
+    "out.2": "conv_out",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+}
+
 # LDM ResBlock children -> diffusers ResnetBlock2D children.
 _RESBLOCK_CHILDREN = {
     "in_layers.2": "conv1",
@@ -48,11 +57,21 @@ class LoraTarget:
     fused_part: str | None = None  # "q", "k", "v" or "out" of an OpenCLIP attention (one fused in_proj weight)
 
 
-def unet_targets(unet: nn.Module, with_convs: bool, ldm_keys: bool = False) -> list[LoraTarget]:
+def unet_targets(unet: nn.Module, with_convs: bool, ldm_keys: bool = False, lycoris: bool = False) -> list[LoraTarget]:
     """LoRA targets of an LDM UNet, in module order, with kohya's keys: diffusers-style for SD1/SD2, the LDM
-    path itself for SDXL (``ldm_keys``)."""
-    containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if with_convs else ())
+    path itself for SDXL (``ldm_keys``). ``with_convs`` adds the 3x3 convolutions.
+
+    kohya's networks.lora takes the attention blocks, and with convs also the ResBlocks and samplers. LyCORIS
+    (``lycoris``) always takes all of them (without convs, their Linear and 1x1 layers) and, for SD1/SD2, the
+    time embedding and, with convs, conv_in and conv_out."""
+    containers = ATTENTION_CONTAINERS + (CONV_CONTAINERS if with_convs or lycoris else ())
     targets: list[LoraTarget] = []
+    if lycoris and not ldm_keys:
+        for path, name in LYCORIS_TOP_LEVEL.items():
+            layer = unet.get_submodule(path)
+            is_3x3 = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+            if with_convs or not is_3x3:
+                targets.append(LoraTarget("lora_unet_" + name.replace(".", "_"), layer, is_3x3))
     seen: set[int] = set()
     for container_path, container in unet.named_modules():
         kind = type(container).__name__
@@ -137,12 +156,13 @@ def openclip_text_targets(text_model: nn.Module, key_prefix: str) -> list[LoraTa
 
 
 def model_targets(family: ModelFamily, unet: nn.Module, text_encoders: list[tuple[nn.Module, str]],
-                  with_convs: bool) -> tuple[list[LoraTarget], list[LoraTarget]]:
-    """(UNet targets, text-encoder targets) of a model of ``family``, under the keys kohya writes for it.
+                  with_convs: bool, lycoris: bool = False) -> tuple[list[LoraTarget], list[LoraTarget]]:
+    """(UNet targets, text-encoder targets) of a model of ``family``, under the keys kohya writes for it
+    (``lycoris``: LyCORIS's layer set; the text encoders' layers are the same for both).
     ``text_encoders`` are (module, key prefix) pairs: HF CLIPTextModels or OpenCLIP text towers."""
     if family not in (ModelFamily.SD1, ModelFamily.SDXL):
         raise NotImplementedError(f"LoRA for {family.value} is not supported yet.")
-    unet_part = unet_targets(unet, with_convs, ldm_keys=family is ModelFamily.SDXL)
+    unet_part = unet_targets(unet, with_convs, ldm_keys=family is ModelFamily.SDXL, lycoris=lycoris)
     text_part: list[LoraTarget] = []
     for module, prefix in text_encoders:
         is_openclip = hasattr(getattr(module, "transformer", None), "resblocks")

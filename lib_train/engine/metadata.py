@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
 from .config import TrainConfig
+from .network_spec import NetworkSpec
 from .optim import describe_optimizer
 
 _BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}
@@ -40,6 +41,7 @@ class RunFacts:
 
 def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epoch: int, steps: int) -> dict[str, str]:
     """Every value a string, as safetensors requires; dicts as JSON (A1111 parses values starting with '{')."""
+    network = NetworkSpec.of(config)
     ss = {
         "ss_session_id": facts.session_id,
         "ss_training_started_at": facts.started_at,
@@ -50,7 +52,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_new_sd_model_hash": facts.base_model.sha256,
         "ss_training_comment": config.comment or None,
         "ss_sd_scripts_commit_hash": "(unknown)",  # what sd-scripts writes when it cannot tell; this is not sd-scripts
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network.ss_network_module(),
         "ss_network_dim": config.rank,
         "ss_network_alpha": float(config.alpha),
         "ss_network_dropout": None,
@@ -126,9 +128,12 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_tag_frequency": facts.tag_frequency,
         "ss_bucket_info": json.dumps(facts.bucket_info) if config.enable_buckets else "null",  # as sd-scripts
     }
-    network_args = _network_args(config)
-    if network_args:  # sd-scripts adds the network's dropout to the arguments it was given
-        ss["ss_network_args"] = {**network_args, "dropout": None}
+    network_args = network.ss_network_args()
+    loraplus = _loraplus_args(config)
+    if loraplus:  # sd-scripts records the network's dropout after the arguments it was given
+        network_args = {**{k: v for k, v in (network_args or {}).items() if k != "dropout"}, **loraplus, "dropout": None}
+    if network_args is not None:
+        ss["ss_network_args"] = network_args
     if config.masked_loss:  # sd-scripts records no masked loss; metadata viewers (lora-inspector) read this key
         ss["ss_masked_loss"] = True
     if facts.base_model.vae_name:
@@ -152,15 +157,10 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
     return {key: _as_text(value) for key, value in {**ss, **spec}.items()}
 
 
-def _network_args(config: TrainConfig) -> dict[str, str]:
-    """What a kohya user passes as --network_args for these settings, as the strings sd-scripts records."""
-    args = {}
-    if config.conv_rank > 0:
-        args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.conv_alpha))
-    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-        if getattr(config, key):
-            args[key] = str(getattr(config, key))
-    return args
+def _loraplus_args(config: TrainConfig) -> dict[str, str]:
+    """The LoRA+ ratios as a kohya user passes them in --network_args, as the strings sd-scripts records."""
+    keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+    return {key: str(getattr(config, key)) for key in keys if getattr(config, key)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -186,8 +186,11 @@ def _as_text(value) -> str:
 
 def sidecar(config: TrainConfig, family: ModelFamily, epoch: int) -> dict:
     """The WebUI's user metadata (``<name>.json`` beside the file), shown on the Extra Networks card."""
-    settings = (f"Trained with Train Tools: epoch {epoch}/{config.epochs}, rank {config.rank}, alpha {config.alpha}"
+    settings = (f"Trained with Train Tools: epoch {epoch}/{config.epochs}, {NetworkSpec.of(config).label}, "
+                f"rank {config.rank}, alpha {config.alpha}"
                 + (f", conv rank {config.conv_rank}/{config.conv_alpha}" if config.conv_rank else "")
+                + (f", factor {config.lokr_factor}" + (", both sides decomposed" if config.decompose_both else "")
+                   if config.network_type == "lokr" else "")
                 + f", {config.resolution}px, batch {config.batch_size}, UNet lr {config.unet_lr}, "
                 f"text encoder lr {config.text_encoder_lr}, {config.optimizer}, {config.lr_scheduler}, seed {config.seed}.")
     return {

@@ -1,4 +1,8 @@
-"""The set of LoRA modules for one model: which layers, attach/detach, and the kohya state dict."""
+"""The set of network modules for one model: which layers, attach/detach, and the kohya state dict.
+
+Every module type (network_lora, network_loha, network_lokr) sits on the same base (network_base), so the
+network, the fused OpenCLIP attention and the preview grid's per-sample multipliers treat them alike.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,20 @@ from torch import nn
 
 from ..hosts.protocol import TrainingHost
 from .lora_names import LoraTarget, model_targets
+from .network_base import NetworkModule, layer_geometry
 from .network_fused_attention import FusedAttentionLoRA
+from .network_lokr import LokrLayout, LoKrModule
+from .network_loha import LoHaModule
 from .network_lora import LoRAModule
+from .network_spec import NetworkSpec
+
+MODULE_TYPES = (LoRAModule, LoHaModule, LoKrModule)  # tried in this order on a file's tensors
 
 
 class LoRANetwork(nn.Module):
-    """LoRA modules keyed by their kohya name, split into UNet and text-encoder parts."""
+    """Network modules keyed by their kohya name, split into UNet and text-encoder parts."""
 
-    def __init__(self, unet_modules: list[LoRAModule], text_encoder_modules: list[LoRAModule]):
+    def __init__(self, unet_modules: list[NetworkModule], text_encoder_modules: list[NetworkModule]):
         super().__init__()
         self.unet_modules = nn.ModuleList(unet_modules)
         self.text_encoder_modules = nn.ModuleList(text_encoder_modules)
@@ -26,7 +36,7 @@ class LoRANetwork(nn.Module):
         if duplicates:
             raise ValueError(f"Duplicate LoRA keys: {sorted(duplicates)[:5]}")
         # Parts of one fused attention (OpenCLIP) act together through that attention's forward.
-        groups: dict[int, tuple[nn.Module, dict[str, LoRAModule]]] = {}
+        groups: dict[int, tuple[nn.Module, dict[str, NetworkModule]]] = {}
         for module in self.modules_in_order():
             if module.fused_part is not None:
                 base = module._base[0]
@@ -42,51 +52,48 @@ class LoRANetwork(nn.Module):
         alpha: float,
         conv_rank: int = 0,
         conv_alpha: float = 1.0,
+        network_type: str = "lora",
+        dora: bool = False,
+        lokr_factor: int = -1,
+        decompose_both: bool = False,
         train_text_encoder: bool = True,
         seed: int = 0,
     ) -> "LoRANetwork":
+        spec = NetworkSpec(network_type, rank, alpha, conv_rank, conv_alpha, dora, lokr_factor, decompose_both)
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
-        def build(targets: list[LoraTarget]) -> list[LoRAModule]:
-            modules = []
-            for target in targets:
-                r, a = (conv_rank, conv_alpha) if target.is_conv_3x3 else (rank, alpha)
-                modules.append(LoRAModule(target.key, target.module, r, a, generator, device=host.device,
-                                          fused_part=target.fused_part))
-            return modules
+        def build(targets: list[LoraTarget]) -> list[NetworkModule]:
+            return [new_module(spec, target, generator, host.device) for target in targets]
 
-        unet_part, text_part = _host_targets(host, with_convs=conv_rank > 0)
+        unet_part, text_part = _host_targets(host, with_convs=spec.with_convs, lycoris=spec.lycoris)
         unet_modules = build(unet_part)
         te_modules = build(text_part) if train_text_encoder else []
         return cls(unet_modules, te_modules)
 
     @classmethod
     def for_kohya_state_dict(cls, host: TrainingHost, state: dict[str, torch.Tensor]) -> "LoRANetwork":
-        """Modules shaped like a kohya file's (which layers, each module's rank), ready for
+        """Modules shaped like a kohya or LyCORIS file's (which layers, each module's type and shapes), ready for
         ``load_kohya_state_dict``: the epochs of one run share this shape, so one network serves them all."""
-        unet_part, text_part = _host_targets(host, with_convs=True)
+        unet_part, text_part = _host_targets(host, with_convs=True, lycoris=True)  # every layer either writes
         targets = unet_part + text_part
-        file_keys = {key.split(".", 1)[0] for key in state}
-        unknown = file_keys - {target.key for target in targets}
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            stem, _, suffix = key.partition(".")
+            tensors.setdefault(stem, {})[suffix] = tensor
+        unknown = set(tensors) - {target.key for target in targets}
         if unknown:
             raise ValueError(f"{len(unknown)} LoRA keys match no layer of the loaded model (e.g. {sorted(unknown)[0]}); "
                              "was this file trained on another model family?")
 
-        def build(part: list[LoraTarget]) -> list[LoRAModule]:
-            modules = []
-            for target in part:
-                if target.key in file_keys:
-                    rank = state[f"{target.key}.lora_down.weight"].shape[0]
-                    alpha = float(state[f"{target.key}.alpha"])
-                    modules.append(LoRAModule(target.key, target.module, rank, alpha, device=host.device,
-                                              fused_part=target.fused_part))
-            return modules
+        def build(part: list[LoraTarget]) -> list[NetworkModule]:
+            return [_module_from_tensors(target, tensors[target.key], host.device) for target in part
+                    if target.key in tensors]
 
         network = cls(build(unet_part), build(text_part))
         network.load_kohya_state_dict(state)
         return network
 
-    def modules_in_order(self) -> Iterator[LoRAModule]:
+    def modules_in_order(self) -> Iterator[NetworkModule]:
         yield from self.unet_modules
         yield from self.text_encoder_modules
 
@@ -116,26 +123,26 @@ class LoRANetwork(nn.Module):
             module.multiplier = multiplier
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """``<key>.lora_down.weight``, ``<key>.lora_up.weight`` and ``<key>.alpha``, on CPU, contiguous."""
-        state = {}
-        for module in self.modules_in_order():
-            state[f"{module.key}.lora_down.weight"] = module.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            state[f"{module.key}.lora_up.weight"] = module.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            state[f"{module.key}.alpha"] = module.alpha.detach().to("cpu", dtype).contiguous()
-        return state
+        """Each module's tensors under ``<key>.<suffix>`` (``lora_down.weight``, ``hada_w1_a``, ``alpha`` ...),
+        on CPU, contiguous."""
+        return {f"{module.key}.{suffix}": tensor.detach().to("cpu", dtype).contiguous()
+                for module in self.modules_in_order() for suffix, tensor in module.state_tensors().items()}
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy tensors of a kohya file into the modules; every key must match in name and shape."""
-        expected = set(self.kohya_state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
+        """Copy tensors of a file into the modules; every key must match in name and shape."""
+        own = {f"{module.key}.{suffix}": tensor
+               for module in self.modules_in_order() for suffix, tensor in module.state_tensors().items()}
+        missing, unexpected = set(own) - set(state), set(state) - set(own)
         if missing or unexpected:
             raise ValueError(f"LoRA keys do not match: {len(missing)} missing, {len(unexpected)} unexpected "
                              f"(e.g. {sorted(missing or unexpected)[0]})")
+        wrong = [key for key, tensor in own.items() if tuple(state[key].shape) != tuple(tensor.shape)]
+        if wrong:
+            raise ValueError(f"{len(wrong)} LoRA tensors have another shape than this network's (e.g. {wrong[0]}: "
+                             f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)})")
         with torch.no_grad():
-            for module in self.modules_in_order():
-                module.lora_down.weight.copy_(state[f"{module.key}.lora_down.weight"])
-                module.lora_up.weight.copy_(state[f"{module.key}.lora_up.weight"])
-                module.alpha.copy_(state[f"{module.key}.alpha"])
+            for key, tensor in own.items():
+                tensor.copy_(state[key])
 
     def parameter_groups(self, unet_lr: float, text_encoder_lr: float, unet_up_ratio: float = 0.0,
                          text_encoder_up_ratio: float = 0.0) -> list[dict]:
@@ -166,7 +173,30 @@ def _lr_groups(name: str, modules: nn.ModuleList, lr: float, up_ratio: float) ->
     return groups
 
 
-
-def _host_targets(host: TrainingHost, with_convs: bool) -> tuple[list[LoraTarget], list[LoraTarget]]:
+def _host_targets(host: TrainingHost, with_convs: bool, lycoris: bool) -> tuple[list[LoraTarget], list[LoraTarget]]:
     encoders = [(encoder.module, encoder.key_prefix) for encoder in host.text_encoders]
-    return model_targets(host.family, host.unet, encoders, with_convs)
+    return model_targets(host.family, host.unet, encoders, with_convs, lycoris)
+
+
+def new_module(spec: NetworkSpec, target: LoraTarget, generator: torch.Generator | None = None,
+               device: torch.device | None = None) -> NetworkModule:
+    """A freshly initialised module of the spec's type for one target (conv rank/alpha on 3x3 convolutions)."""
+    rank, alpha = (spec.conv_rank, spec.conv_alpha) if target.is_conv_3x3 else (spec.rank, spec.alpha)
+    common = dict(generator=generator, device=device, fused_part=target.fused_part)
+    if spec.algo == "loha":
+        return LoHaModule(target.key, target.module, rank, alpha, **common)
+    if spec.algo == "lokr":
+        geometry = layer_geometry(target.key, target.module, target.fused_part)
+        layout = LokrLayout.plan(geometry, rank, spec.lokr_factor, spec.decompose_both)
+        return LoKrModule(target.key, target.module, layout, alpha, **common)
+    return LoRAModule(target.key, target.module, rank, alpha, dora=spec.dora, **common)
+
+
+def _module_from_tensors(target: LoraTarget, tensors: dict[str, torch.Tensor], device: torch.device) -> NetworkModule:
+    suffixes = set(tensors)
+    for module_type in MODULE_TYPES:
+        if module_type.accepts(suffixes):
+            return module_type.from_tensors(target.key, target.module, tensors, device, target.fused_part)
+    raise ValueError(f"{target.key}: tensors {', '.join(sorted(suffixes))} are no LoRA, LoHa or LoKr module that "
+                     "Train Tools can load (LyCORIS's Tucker cores, lora_mid / hada_t1 / lokr_t2, and other types "
+                     "are not supported)")

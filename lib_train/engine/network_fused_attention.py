@@ -1,8 +1,10 @@
-"""LoRA on the q/k/v/out projections of a torch ``nn.MultiheadAttention`` (OpenCLIP's text attention).
+"""Network modules (any type) on the q/k/v/out projections of a torch ``nn.MultiheadAttention`` (OpenCLIP's
+text attention).
 
 That module computes with one fused ``in_proj_weight`` and calls no ``nn.Linear`` forward, so a forward hook
 cannot reach its projections. While attached, an instance-level forward runs the same attention from the
-same weights, adding each part's LoRA term to its projection (in activation space, as for every other layer). Detaching removes it and leaves the module exactly as it was.
+same weights, adding each part's term to its projection (in activation space, as for every other layer).
+Detaching removes it and leaves the module exactly as it was.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network_lora import LoRAModule
+from .network_base import NetworkModule
 
 
 class FusedAttentionLoRA:
-    def __init__(self, attention: nn.MultiheadAttention, parts: dict[str, LoRAModule]):
+    def __init__(self, attention: nn.MultiheadAttention, parts: dict[str, NetworkModule]):
         if set(parts) != {"q", "k", "v", "out"}:
-            raise ValueError(f"a fused attention needs q, k, v and out LoRA parts, got {sorted(parts)}")
+            raise ValueError(f"a fused attention needs q, k, v and out parts, got {sorted(parts)}")
         if attention.in_proj_weight is None or attention.bias_k is not None or attention.add_zero_attn:
             raise ValueError("only attentions with one fused in_proj weight (as OpenCLIP builds them) are supported")
         self.attention = attention

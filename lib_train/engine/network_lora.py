@@ -1,9 +1,7 @@
-"""A kohya-format LoRA module for one Linear or Conv2d layer of the host model.
+"""A kohya-format LoRA (LoCon on convolutions) module for one layer, optionally with DoRA.
 
-Output = ``W x + up(down(x)) * (alpha / rank) * multiplier``. The base layer is never modified: the
-module adds its term through a forward hook, so detaching it leaves the layer exactly as it was.
-The LoRA weights stay float32 whatever the dtype of the base layer. The multiplier is one number, or one
-per sample of the batch (a 1-D tensor) so a single forward pass renders several Lora weights at once.
+Term = ``up(down(x)) * (alpha / rank)``, computed on the activations. With DoRA the term is the decomposed
+weight's change applied to ``x`` (network_dora), which needs the whole ΔW = up @ down.
 """
 
 from __future__ import annotations
@@ -12,40 +10,27 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from .network_base import NetworkModule
+from .network_dora import decomposed_delta, input_column_norms
+
+FILE_KEYS = ("lora_down.weight", "lora_up.weight", "alpha")
+DORA_KEY = "dora_scale"
 
 
-def autocast_enabled(device_type: str) -> bool:
-    """torch.is_autocast_enabled(device_type) exists from torch 2.4; the WebUI ships 2.1."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-class LoRAModule(nn.Module):
+class LoRAModule(NetworkModule):
     def __init__(self, key: str, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None,
-                 device: torch.device | None = None, fused_part: str | None = None):
-        super().__init__()
-        self.key = key
+                 device: torch.device | None = None, fused_part: str | None = None, dora: bool = False):
+        super().__init__(key, base, device, fused_part)
         self.rank = rank
-        # A part (q, k, v, out) of a fused attention adds its term through that attention's FusedAttentionLoRA.
-        self.fused_part = fused_part
-        if fused_part is not None:
-            width = base.embed_dim
-            self.lora_down = nn.Linear(width, rank, bias=False)
-            self.lora_up = nn.Linear(rank, width, bias=False)
-        elif isinstance(base, nn.Linear):
-            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
-        elif isinstance(base, nn.Conv2d):
-            if base.groups != 1 or base.dilation != (1, 1):
-                raise ValueError(f"{key}: grouped or dilated convolutions are not supported")
+        g = self.geometry
+        if g.is_conv:
             # The down conv carries the base kernel, stride and padding; the up conv is 1x1.
-            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
-            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            self.lora_down = nn.Conv2d(g.in_features, rank, g.kernel_size, g.stride, g.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, g.out_features, 1, bias=False)
         else:
-            raise TypeError(f"{key}: cannot attach LoRA to {type(base).__name__}")
+            self.lora_down = nn.Linear(g.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, g.out_features, bias=False)
         # Microsoft LoRA init: kaiming-uniform down, zero up, so training starts from the base model.
         # Drawn on CPU from the caller's generator, so a seed gives the same weights on any device.
         with torch.no_grad():
@@ -53,40 +38,44 @@ class LoRAModule(nn.Module):
             nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
             self.lora_down.weight.copy_(down)
             nn.init.zeros_(self.lora_up.weight)
-        # On the compute device, not necessarily the base layer's: under the WebUI's --medvram the base
-        # layers wait on the CPU between forwards.
-        device = device or next(base.parameters()).device
-        self.to(device=device, dtype=torch.float32)
-        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
-        self.multiplier: float | torch.Tensor = 1.0
-        self._base = [base]  # a list so the base layer is not registered as our submodule
-        self._handle: RemovableHandle | None = None
+        # DoRA's magnitude starts at the base weight's column norms, so it too starts from the base model.
+        self.dora_scale = nn.Parameter(input_column_norms(self.base_weight().float().cpu())) if dora else None
+        self._place(alpha)
+
+    @classmethod
+    def accepts(cls, suffixes: set[str]) -> bool:
+        return suffixes in (set(FILE_KEYS), set(FILE_KEYS) | {DORA_KEY})
+
+    @classmethod
+    def from_tensors(cls, key: str, base: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                     fused_part: str | None) -> "LoRAModule":
+        magnitude = tensors.get(DORA_KEY)
+        if magnitude is not None and magnitude.shape[0] != 1:
+            raise ValueError(f"{key}: a DoRA magnitude per output channel (LyCORIS's wd_on_output default); A1111's "
+                             "built-in Lora applies DoRA per input channel, and so does Train Tools")
+        return cls(key, base, tensors["lora_down.weight"].shape[0], float(tensors["alpha"]), device=device,
+                   fused_part=fused_part, dora=DORA_KEY in tensors)
 
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA term for input ``x`` (already scaled by alpha/rank and the multiplier)."""
-        if not autocast_enabled(x.device.type):
-            x = x.to(self.lora_down.weight.dtype)
-        out = self.lora_up(self.lora_down(x))
-        multiplier = self.multiplier
-        if isinstance(multiplier, torch.Tensor):
-            if multiplier.shape[0] != out.shape[0]:
-                raise ValueError(f"{self.key}: {multiplier.shape[0]} per-sample multipliers for a batch of {out.shape[0]}")
-            # Batch first in every targeted layer (Linear on [B, tokens, C] or [B, C], Conv2d on [B, C, H, W]).
-            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1)))
-        return out * (self.scale * multiplier)
+    def weight_delta(self) -> torch.Tensor:
+        """ΔW at multiplier 1 (with DoRA, the decomposed weight minus the base weight)."""
+        shape = self.geometry.weight_shape
+        delta = (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)).reshape(shape) * self.scale
+        if self.dora_scale is None:
+            return delta
+        return decomposed_delta(self.base_weight(), delta, self.dora_scale)
 
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.delta(args[0]).to(output.dtype)
+    def term(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_scale is not None:
+            return self.weight_term(x, self.weight_delta)
+        return self.lora_up(self.lora_down(x)) * self.scale
 
-    def attach(self) -> None:
-        if self._handle is None and self.fused_part is None:
-            self._handle = self._base[0].register_forward_hook(self._hook)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight,
+                   "alpha": self.alpha}
+        if self.dora_scale is not None:
+            tensors[DORA_KEY] = self.dora_scale
+        return tensors

@@ -78,7 +78,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
 
             network = LoRANetwork.for_host(
                 host, rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
-                train_text_encoder=config.train_text_encoder, seed=config.seed,
+                network_type=config.network_type, dora=config.dora, lokr_factor=config.lokr_factor,
+                decompose_both=config.decompose_both, train_text_encoder=config.train_text_encoder, seed=config.seed,
             )
             cleanup.enter_context(network.attached())
             if config.gradient_checkpointing:

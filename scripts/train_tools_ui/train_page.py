@@ -55,9 +55,22 @@ def _setting_components() -> dict[str, gr.components.Component]:
 
 
 def _network_settings(c: dict, d: TrainConfig) -> None:
+    from lib_train.engine.config import NETWORK_TYPES  # here: the rest of the page needs no network names
+
+    with gr.Row():
+        c["network_type"] = gr.Dropdown(
+            list(NETWORK_TYPES), value=d.network_type, elem_id="train_tools_network_type",
+            label="Network type: lora (kohya LoRA; LoCon when the conv rank is above 0), locon (LoRA + 3x3 convs), "
+                  "loha / lokr (LyCORIS LoHa, LoKr: more expressive per parameter, larger layer set)")
+        c["dora"] = gr.Checkbox(d.dora, label="DoRA: weight decomposition, a trained magnitude per input channel "
+                                "(LoRA/LoCon only; slower steps)", elem_id="train_tools_dora")
     with gr.Row():
         c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
         c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
+        c["lokr_factor"] = gr.Number(d.lokr_factor, label="LoKr factor (-1: balanced split, smallest file; "
+                                     "4-16: more capacity; LoKr only)", precision=0, elem_id="train_tools_lokr_factor")
+        c["decompose_both"] = gr.Checkbox(d.decompose_both, label="LoKr: low-rank small factor too (decompose both)",
+                                          elem_id="train_tools_decompose_both")
 
 
 def _optimizer_settings(c: dict, d: TrainConfig) -> None:
