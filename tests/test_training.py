@@ -209,6 +209,6 @@ def test_cached_conditioning_of_captions_with_different_chunk_counts(tiny_host):
     assert batch.shape == (2, 154, 32)
     assert cache.encode([short, short]).shape == (2, 77, 32)
     assert not cache.complete()  # mixed chunk counts are encoded again per batch: the encoders stay
-    uniform = _ConditioningCache(ChunkingHost(), cacheable=True)
+    uniform = ConditioningCache(ChunkingHost(), cacheable=True)
     uniform.prefill([short, "blue square"])
-    assert uniform.complete() and not _ConditioningCache(ChunkingHost(), cacheable=False).complete()
+    assert uniform.complete() and not ConditioningCache(ChunkingHost(), cacheable=False).complete()
