@@ -71,6 +71,7 @@ class TrainConfig:
     lr_warmup_ratio: float = 0.0  # warmup as a ratio of all steps (kohya's float --lr_warmup_steps); 0: use steps
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
     lr_scheduler_power: float = 1.0  # polynomial
+    lr_finder_steps: int = 150  # "Find learning rate": the probe's optimizer steps
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     min_snr_gamma: float = 0.0  # 0: off
@@ -169,6 +170,7 @@ class TrainConfig:
              "Give the warmup as steps or as a ratio of the steps, not both.")
         need(self.lr_scheduler_num_cycles >= 1, "Scheduler cycles must be at least 1.")
         need(self.lr_scheduler_power > 0, "Scheduler power must be positive.")
+        need(self.lr_finder_steps >= 1, "The learning-rate finder needs at least 1 step.")
 
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""
