@@ -45,8 +45,9 @@ def test_after_warmup_the_schedules_are_the_ones_kohya_calls(name, theirs):
     ours, reference = make_lr_schedule(ours_optimizer, name, 0, 40, cycles=3, power=2.0), theirs(their_optimizer)
     for _ in range(40):
         assert ours.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], abs=2e-7)
-        ours.step()
-        reference.step()
+        for optimizer, schedule in ((ours_optimizer, ours), (their_optimizer, reference)):
+            optimizer.step()  # a schedule steps after its optimizer (torch warns otherwise)
+            schedule.step()
 
 
 def test_unknown_schedule_fails_when_made():
