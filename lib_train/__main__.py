@@ -1,4 +1,5 @@
-"""Headless training: ``python -m lib_train train --config FILE [--checkpoint PATH] [--device cuda]``.
+"""Headless training: ``python -m lib_train train --config FILE [--checkpoint PATH] [--device cuda]``, and the
+learning-rate finder on the same settings: ``python -m lib_train find-lr --config FILE [...]``.
 
 With ``--checkpoint`` it trains on an SD1.x or SDXL ``.safetensors`` checkpoint; without, on the built-in tiny
 model (a demo that runs in seconds on a CPU and writes a real kohya-format LoRA).
@@ -18,6 +19,7 @@ import torch
 from .common.errors import TrainToolsError
 from .common.tensor_store import CacheFolder
 from .engine.config import TrainConfig
+from .engine.lr_finder import find_learning_rate
 from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
 from .hosts.protocol import BaseModelInfo, PredictionType, Progress
@@ -31,15 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_train")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a LoRA from a TOML config")
-    train.add_argument("--config", required=True, help="TOML file with the training settings")
-    train.add_argument("--checkpoint", help="SD1.x or SDXL .safetensors checkpoint (default: the built-in tiny demo model)")
-    train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    train.add_argument("--v-prediction", action="store_true",
-                       help="the checkpoint predicts velocity (read from its 'v_pred' key when it has one)")
-    train.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
-                       "(a rerun then starts without encoding; the result is the same)")
+    find_lr = commands.add_parser("find-lr", help="find the learning rate for a TOML config's training (Prodigy's "
+                                  "estimate per part; nothing is saved)")
+    for command in (train, find_lr):
+        command.add_argument("--config", required=True, help="TOML file with the training settings")
+        command.add_argument("--checkpoint", help="SD1.x or SDXL .safetensors checkpoint (default: the built-in tiny "
+                             "demo model)")
+        command.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        command.add_argument("--v-prediction", action="store_true",
+                             help="the checkpoint predicts velocity (read from its 'v_pred' key when it has one)")
+        command.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
+                             "(a rerun then starts without encoding; the result is the same)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
+    find_lr.add_argument("--steps", type=int, help="the probe's optimizer steps (default: lr_finder_steps)")
+    find_lr.add_argument("--json", help="write the rates found, their history and the loss to this file")
     args = parser.parse_args(argv)
+    if args.command == "find-lr":
+        return _find_lr(args)
     started = time.time()
 
     try:
@@ -68,6 +78,26 @@ def main(argv: list[str] | None = None) -> int:
             "resident_cuda_mb": resident_cuda / 2**20 if resident_cuda is not None else None,
         }
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _find_lr(args: argparse.Namespace) -> int:
+    try:
+        config = TrainConfig.from_toml(args.config)
+        if args.steps is not None:
+            config.lr_finder_steps = args.steps
+        host = _load_host(args.checkpoint, args.device, config.validate(), args.v_prediction)
+        finding = find_learning_rate(host, config, CacheFolder(args.cache_dir) if args.cache_dir else None)
+    except TrainToolsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for part, rate in finding.found.items():
+        print(f"{'unet_lr' if part == 'unet' else 'text_encoder_lr'} = {rate:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "optimizer": finding.optimizer, "found": finding.found, "estimates": finding.learning_rates,
+            "steps": finding.steps, "seconds": finding.seconds, "still_growing": finding.still_growing,
+            "history": finding.history, "loss_history": finding.loss_history}, indent=2))
     return 0
 
 

@@ -107,6 +107,17 @@ def on_app_started(demo, app) -> None:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()
 
+    @app.post("/train-tools/v1/find-lr", dependencies=dependencies)
+    def start_find_lr(settings: dict = Body(...)):
+        """Find the learning rate on the live model for these settings (the train body; lr_finder_steps steps).
+        The status then has learning_rates (per part) and lr_history; nothing is saved."""
+        runner = jobs()
+        try:
+            job = runner.find_lr_in_background(runner.prepare(settings))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return job.to_dict()
+
     @app.get("/train-tools/v1/cache", dependencies=dependencies)
     def cache_size(train_dir: str):
         try:

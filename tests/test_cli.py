@@ -70,3 +70,16 @@ def test_toml_paths_are_relative_to_the_file_and_unknown_keys_refused(tmp_path):
     (tmp_path / "d.toml").write_text('name = "x"\nlearning_rate = 1e-4\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"Unknown setting\(s\): learning_rate"):
         TrainConfig.from_toml(tmp_path / "d.toml")
+
+
+def test_find_lr_prints_the_rates_for_the_config_and_writes_nothing_else(tmp_path):
+    completed = run_cli("find-lr", "--config", str(demo_config(tmp_path)), "--steps", "60", "--json",
+                        str(tmp_path / "lr.json"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = json.loads((tmp_path / "lr.json").read_text())
+    assert found["optimizer"] == "Prodigy" and found["steps"] == 60 and len(found["history"]) == 60
+    assert set(found["estimates"]) == {"unet", "text_encoder"} and all(r > 0 for r in found["estimates"].values())
+    for part, rate in found["found"].items():  # the lines to paste into the TOML file
+        assert f"{'unet_lr' if part == 'unet' else 'text_encoder_lr'} = {rate:.2e}" in completed.stdout
+    assert "Prodigy estimated: UNet" in completed.stderr
+    assert not (tmp_path / "out").exists()

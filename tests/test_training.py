@@ -157,7 +157,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_host, tmp_path, monkeypatch):
     ("no", "The loaded model runs in fp16"),  # no autocast asked, but the WebUI holds fp16 weights
 ])
 def test_nan_advice_on_fp16_runs(tmp_path, mixed_precision, expected):
-    from lib_train.engine.train import _divergence_advice
+    from lib_train.engine.steps import _divergence_advice
     config = tiny_config(tmp_path, tmp_path, mixed_precision=mixed_precision)
     assert expected in _divergence_advice(config, torch.float16)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +20,10 @@ from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
 from .noise import Noising
 from .network_spec import LABELS
 
-OPTIMIZERS = ("AdamW", "AdamW8bit")
-SCHEDULERS = ("constant", "cosine", "constant_with_warmup")
+from .lr_schedule import SCHEDULERS, warmup_steps
+from .optim import OPTIMIZER_KINDS, optimizer_arguments, optimizer_kind
+
+OPTIMIZERS = tuple(OPTIMIZER_KINDS)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 NETWORK_TYPES = tuple(LABELS)
@@ -73,9 +77,14 @@ class TrainConfig:
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5  # 0 trains the UNet only
     optimizer: str = "AdamW"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # kohya's --optimizer_args: "key=value ..." or a dict
     weight_decay: float = 0.01
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
+    lr_warmup_ratio: float = 0.0  # warmup as a ratio of all steps (kohya's float --lr_warmup_steps); 0: use steps
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
+    lr_scheduler_power: float = 1.0  # polynomial
+    lr_finder_steps: int = 150  # "Find learning rate": the probe's optimizer steps
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     min_snr_gamma: float = 0.0  # 0: off
@@ -140,12 +149,7 @@ class TrainConfig:
         self._validate_network_type(need)
         need(self.epochs >= 1, f"Epochs must be at least 1 (got {self.epochs}).")
         need(self.batch_size >= 1, f"Batch size must be at least 1 (got {self.batch_size}).")
-        for label, lr in (("UNet", self.unet_lr), ("Text encoder", self.text_encoder_lr)):
-            need(math.isfinite(lr) and 0 <= lr < 1, f"{label} learning rate must be in [0, 1) (got {lr}).")
-        need(self.unet_lr > 0, "The UNet learning rate must be positive.")
-        need(self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}.")
-        need(self.lr_scheduler in SCHEDULERS, f"Scheduler must be one of {', '.join(SCHEDULERS)}.")
-        need(self.lr_warmup_steps >= 0, "Warmup steps cannot be negative.")
+        self._check_optimisation(need)
         need(self.gradient_accumulation_steps >= 1, "Gradient accumulation must be at least 1.")
         need(self.max_grad_norm >= 0, "Max gradient norm cannot be negative (0 turns clipping off).")
         need(self.min_snr_gamma >= 0, "Min-SNR gamma cannot be negative (0 turns it off).")
@@ -200,6 +204,47 @@ class TrainConfig:
         need(self.lokr_factor == -1 or self.lokr_factor >= 1,
              f"LoKr factor must be -1 (automatic) or at least 1 (got {self.lokr_factor}).")
 
+    def warmup_steps(self, total_steps: int) -> int:
+        return warmup_steps(self.lr_warmup_steps, self.lr_warmup_ratio, total_steps)
+
+    def optimizer_arguments(self, total_steps: int) -> dict[str, Any]:
+        """What the optimizer is built with beside parameters and learning rates (ss_optimizer lists the same)."""
+        return optimizer_arguments(optimizer_kind(self.optimizer), self.weight_decay, self.optimizer_args,
+                                   self.warmup_steps(total_steps))
+
+    def _check_optimisation(self, need) -> None:
+        """Learning rates that fit the optimizer (adaptive ones take ≈1.0), its arguments, the schedule."""
+        kind = optimizer_kind(self.optimizer)
+        lrs = (("UNet", self.unet_lr), ("Text encoder", self.text_encoder_lr))
+        need(all(math.isfinite(lr) and lr >= 0 for _, lr in lrs), f"The learning rates must be finite and not negative "
+             f"(got UNet {self.unet_lr}, text encoder {self.text_encoder_lr}).")
+        need(self.unet_lr > 0, "The UNet learning rate must be positive.")
+        if kind.adaptive:
+            need(0.1 <= self.unet_lr <= 10,
+                 f"{kind.name} estimates its own step size: the learning rate multiplies that estimate and is 1.0 by "
+                 f"convention (0.5-2 to lean lower or higher), so {self.unet_lr:g} would shrink every step "
+                 f"{1 / self.unet_lr:.0f}-fold. Set the UNet learning rate to 1.0 (to find a rate for AdamW, use "
+                 "Find learning rate).")
+            need(self.text_encoder_lr in (0, self.unet_lr),
+                 f"{kind.name} takes one learning rate for everything it trains: give the text encoder the UNet's "
+                 f"({self.unet_lr:g}), or 0 to train the UNet only.")
+        else:
+            for label, lr in lrs:
+                need(lr < 1, f"{label} learning rate must be below 1 for {kind.name} (got {lr:g}); 1.0 is the "
+                     "convention of the adaptive optimizers (Prodigy, DAdaptAdam).")
+        kind.check_arguments(self.optimizer_args)
+        need(self.lr_scheduler in SCHEDULERS, f"Scheduler must be one of {', '.join(SCHEDULERS)}.")
+        need(not kind.schedule_free or self.lr_scheduler == "constant",
+             f"{kind.name} replaces the learning-rate schedule: choose the constant scheduler (Advanced → Optimizer); "
+             "its warmup is the warmup setting.")
+        need(self.lr_warmup_steps >= 0, "Warmup steps cannot be negative.")
+        need(0 <= self.lr_warmup_ratio < 1, f"Warmup ratio must be in [0, 1) (got {self.lr_warmup_ratio}).")
+        need(not (self.lr_warmup_ratio > 0 and self.lr_warmup_steps > 0),
+             "Give the warmup as steps or as a ratio of the steps, not both.")
+        need(self.lr_scheduler_num_cycles >= 1, "Scheduler cycles must be at least 1.")
+        need(self.lr_scheduler_power > 0, "Scheduler power must be positive.")
+        need(self.lr_finder_steps >= 1, "The learning-rate finder needs at least 1 step.")
+
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""
         return TrainingData(
@@ -235,6 +280,8 @@ class TrainConfig:
         converted = {}
         for key, value in values.items():
             default = known[key].default
+            if default is dataclasses.MISSING:
+                default = known[key].default_factory()
             try:
                 converted[key] = _coerce(value, type(default))
             except (TypeError, ValueError):
@@ -281,4 +328,58 @@ def _coerce(value: Any, kind: type) -> Any:
         if not isinstance(value, str):
             raise TypeError
         return value
+    if kind is dict:
+        if isinstance(value, str):
+            return parse_key_values(value)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise TypeError
+        return {key: _literal_value(item) for key, item in value.items()}
     return value
+
+
+# A key at the start or after a blank or a comma, outside brackets and quotes: "a=1 b=(0.9, 0.99), c=True".
+_KEY = re.compile(r"([A-Za-z_]\w*)\s*=(?!=)")
+
+
+def parse_key_values(text: str) -> dict[str, Any]:
+    """kohya's ``--optimizer_args`` as one line: ``key=value`` pairs apart by blanks or commas, each value a
+    Python literal (numbers, True/False (any case), None, strings, tuples: ``betas=0.9,0.99`` or ``(0.9, 0.99)``)."""
+    starts, depth, quote = [], 0, None
+    for index, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif depth == 0 and (index == 0 or text[index - 1] in " \t\n,") and _KEY.match(text, index):
+            starts.append(index)
+    if text[:starts[0] if starts else len(text)].strip(" \t\n,"):
+        raise ConfigError(f"Cannot read the optimizer arguments {text.strip()!r}: write key=value pairs, "
+                          "e.g. d_coef=0.5 betas=(0.9, 0.99).")
+    values: dict[str, Any] = {}
+    for start, end in zip(starts, [*starts[1:], len(text)]):
+        match = _KEY.match(text, start)
+        key, raw = match.group(1), text[match.end():end].strip(" \t\n,")
+        if key in values:
+            raise ConfigError(f"Optimizer argument '{key}' is given twice.")
+        values[key] = _literal_value(_read_literal(key, raw))
+    return values
+
+
+def _read_literal(key: str, raw: str) -> Any:
+    words = {"true": True, "false": False, "none": None}
+    if raw.lower() in words:
+        return words[raw.lower()]
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"Optimizer argument '{key}': cannot read {raw!r} (give a number, True/False, a quoted "
+                          "string or a tuple such as (0.9, 0.99)).") from None
+
+
+def _literal_value(value: Any) -> Any:
+    """JSON and TOML have no tuples: lists become the tuples the optimizers take (betas=(0.9, 0.99))."""
+    return tuple(_literal_value(item) for item in value) if isinstance(value, (list, tuple)) else value

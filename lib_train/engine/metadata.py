@@ -13,7 +13,7 @@ from pathlib import Path
 from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
 from .config import TrainConfig
 from .network_spec import NetworkSpec
-from .optim import describe_optimizer
+from .optim import describe_optimizer, optimizer_kind
 
 _BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}
 _ARCHITECTURE = {ModelFamily.SD1: "stable-diffusion-v1/lora", ModelFamily.SD2: "stable-diffusion-v2-512/lora",
@@ -64,9 +64,11 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_learning_rate": config.unet_lr,
         "ss_unet_lr": config.unet_lr,
         "ss_text_encoder_lr": config.text_encoder_lr,
-        "ss_optimizer": describe_optimizer(config.optimizer, config.weight_decay),
+        "ss_optimizer": describe_optimizer(optimizer_kind(config.optimizer),
+                                           config.optimizer_arguments(facts.max_train_steps)),
         "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        # kohya writes its --lr_warmup_steps as given: a ratio of the steps when it was one
+        "ss_lr_warmup_steps": config.lr_warmup_ratio or config.lr_warmup_steps,
         "ss_max_grad_norm": config.max_grad_norm,
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
         "ss_gradient_checkpointing": config.gradient_checkpointing,
@@ -192,7 +194,9 @@ def sidecar(config: TrainConfig, family: ModelFamily, epoch: int) -> dict:
                 + (f", factor {config.lokr_factor}" + (", both sides decomposed" if config.decompose_both else "")
                    if config.network_type == "lokr" else "")
                 + f", {config.resolution}px, batch {config.batch_size}, UNet lr {config.unet_lr}, "
-                f"text encoder lr {config.text_encoder_lr}, {config.optimizer}, {config.lr_scheduler}, seed {config.seed}.")
+                f"text encoder lr {config.text_encoder_lr}, {config.optimizer}"
+                + "".join(f" {key}={value}" for key, value in config.optimizer_args.items())
+                + f", {config.lr_scheduler}, seed {config.seed}.")
     return {
         "description": config.comment,
         "sd version": _SIDECAR_VERSION[family],

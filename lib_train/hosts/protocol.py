@@ -79,6 +79,7 @@ class Progress:
     total_epochs: int = 0
     loss: float | None = None
     learning_rate: float | None = None
+    learning_rates: dict[str, float] = field(default_factory=dict)  # the learning-rate finder's estimate per part
     message: str = ""
     saved_files: list[str] = field(default_factory=list)
 

@@ -220,8 +220,9 @@ class WebUIHost:
             state.textinfo = progress.message
         elif progress.phase == "training":
             state.job_count, state.job_no = progress.total_steps, progress.step
-            state.textinfo = (f"Epoch {progress.epoch}/{progress.total_epochs}, step {progress.step}/{progress.total_steps}, "
-                              f"loss {progress.loss:.4f}")
+            rates = ", ".join(f"{part} {rate:.2e}" for part, rate in progress.learning_rates.items())
+            where = f"Finding the learning rate: {rates}, " if rates else f"Epoch {progress.epoch}/{progress.total_epochs}, "
+            state.textinfo = f"{where}step {progress.step}/{progress.total_steps}, loss {progress.loss:.4f}"
         elif progress.message:
             state.textinfo = progress.message
         if progress.phase == "saved" and self.webui.networks is not None:

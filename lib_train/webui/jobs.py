@@ -25,6 +25,7 @@ from ..dataset.project_folders import ProjectFolders, cache_folder_for
 from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
+from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
 from ..engine.train import prepare_caches, train_lora
@@ -41,7 +42,7 @@ from .path_policy import confine
 @dataclass
 class JobStatus:
     id: str
-    kind: str = "train"  # train, prepare (fill the cache) or grid
+    kind: str = "train"  # train, prepare (fill the cache), find-lr (the learning-rate finder) or grid
     state: str = "queued"  # queued, running, done, stopped, failed
     phase: str = ""
     message: str = ""
@@ -58,6 +59,8 @@ class JobStatus:
     cache: dict = field(default_factory=dict)  # CacheReport's fields: latents/captions reused and total, problems
     setup_seconds: float = 0.0  # from the click to the end of the first training step (encoding included)
     first_step_seconds: float | None = None  # that first step alone, once the job has ended
+    learning_rates: dict = field(default_factory=dict)  # find-lr: the rates to train with ("unet", "text_encoder")
+    lr_history: list[tuple[int, dict]] = field(default_factory=list)  # find-lr: (step, that estimate) per step
     started_at: float = 0.0
     finished_at: float = 0.0
 
@@ -174,7 +177,8 @@ class TrainingJobs:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
-                what = {"grid": "A preview grid", "prepare": "A preparation for training"}.get(self.current.kind, "A training")
+                what = {"grid": "A preview grid", "prepare": "A preparation for training",
+                        "find-lr": "A learning-rate search"}.get(self.current.kind, "A training")
                 raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
@@ -184,9 +188,7 @@ class TrainingJobs:
         """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
 
         def work() -> None:
-            host = self._host(job, config)
-            if host.medvram and config.train_text_encoder:
-                raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+            host = self._training_host(job, config)
             result = self._on_live_model(job, host, lambda: train_lora(host, config, self.cache_folder(config.train_dir)))
             job.state = "stopped" if result.stopped else "done"
             job.skipped_files = result.skipped_files
@@ -214,6 +216,28 @@ class TrainingJobs:
             job.message = ("Stopped. " if job.state == "stopped" else "Prepared for training: ") + report.summary()
 
         return self._guarded(job, "Train Tools prepare", work)
+
+    def run_find_lr(self, job: JobStatus, config: TrainConfig) -> JobStatus:
+        """Find the learning rate on the live model (a short probe, nothing saved; the cache is filled as a
+        Prepare would). The caller holds the WebUI queue lock and has begun ``shared.state``."""
+
+        def work() -> None:
+            job.kind = "find-lr"
+            host = self._training_host(job, config)
+            finding: LearningRateFinding = self._on_live_model(
+                job, host, lambda: find_learning_rate(host, config, self.cache_folder(config.train_dir)))
+            job.state = "stopped" if finding.stopped else "done"
+            job.learning_rates = finding.found
+            job.cache = asdict(finding.cache)
+            job.message = finding.summary()
+
+        return self._guarded(job, "Train Tools learning-rate finder", work)
+
+    def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
+        host = self._host(job, config)
+        if host.medvram and config.train_text_encoder:
+            raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+        return host
 
     def _host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
         return webui_host(self.webui, seed=config.seed, on_progress=lambda p: self._track(job, p),
@@ -294,6 +318,13 @@ class TrainingJobs:
         job = self.begin()
         job.kind = "prepare"
         self._in_background(job, lambda: self.run_prepare(job, config))
+        return job
+
+    def find_lr_in_background(self, config: TrainConfig) -> JobStatus:
+        """For the HTTP API: the learning-rate finder under the queue lock on a thread."""
+        job = self.begin()
+        job.kind = "find-lr"
+        self._in_background(job, lambda: self.run_find_lr(job, config))
         return job
 
     def render_grid_in_background(self, request: GridRequest) -> JobStatus:
@@ -387,6 +418,8 @@ class TrainingJobs:
             job.loss_history.append((progress.step, progress.loss))
             if progress.step == 1:
                 job.setup_seconds = time.time() - job.started_at
+        if progress.phase == "training" and progress.learning_rates:
+            job.lr_history.append((progress.step, dict(progress.learning_rates)))
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
 

@@ -16,6 +16,7 @@ from modules import call_queue, sd_models, shared, ui_common
 from lib_train.common.errors import TrainToolsError
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
 from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
+from lib_train.engine.optim import OPTIMIZER_KINDS
 from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
 
@@ -74,9 +75,29 @@ def _network_settings(c: dict, d: TrainConfig) -> None:
 
 
 def _optimizer_settings(c: dict, d: TrainConfig) -> None:
+    hint = gr.Markdown(_optimizer_hint(d.optimizer), elem_id="train_tools_optimizer_hint")
+    c["optimizer"].change(fn=_optimizer_hint, inputs=[c["optimizer"]], outputs=[hint])
+    with gr.Row():
+        c["optimizer_args"] = gr.Textbox("", label="Optimizer arguments (key=value, as kohya's --optimizer_args: "
+                                         "d_coef=0.5 betas=(0.9, 0.99))", elem_id="train_tools_optimizer_args")
+        c["weight_decay"] = gr.Number(d.weight_decay, label="Weight decay", elem_id="train_tools_weight_decay")
+        c["lr_finder_steps"] = gr.Number(d.lr_finder_steps, label="Learning-rate finder steps", precision=0,
+                                         elem_id="train_tools_lr_finder_steps")
     with gr.Row():
         c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
         c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
+        c["lr_warmup_ratio"] = gr.Number(d.lr_warmup_ratio, label="…or warmup as a ratio of all steps (0.05)",
+                                         elem_id="train_tools_lr_warmup_ratio")
+        c["lr_scheduler_num_cycles"] = gr.Number(d.lr_scheduler_num_cycles, label="Cycles (cosine_with_restarts)",
+                                                 precision=0, elem_id="train_tools_lr_scheduler_num_cycles")
+        c["lr_scheduler_power"] = gr.Number(d.lr_scheduler_power, label="Power (polynomial)",
+                                            elem_id="train_tools_lr_scheduler_power")
+
+
+def _optimizer_hint(name: str) -> str:
+    """What is special about the chosen optimizer (adaptive ones take learning rates ≈1.0)."""
+    kind = OPTIMIZER_KINDS.get(name)
+    return f"*{kind.hint}*" if kind and kind.hint else ""
 
 
 def _loss_settings(c: dict, d: TrainConfig) -> None:
@@ -184,6 +205,22 @@ def _loss_frame(job):
     return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
 
 
+_PARTS = {"unet": "UNet", "text_encoder": "text encoder"}
+
+
+def _plot_update(job):
+    """The loss; for a learning-rate search, its estimate per part as it grows, the rates found in the title."""
+    if job is None or job.kind != "find-lr" or not job.lr_history:
+        return gr.LinePlot.update(value=_loss_frame(job))
+    import pandas as pd
+
+    rows = [(step, _PARTS[part], rate) for step, rates in job.lr_history for part, rate in rates.items()]
+    frame = pd.DataFrame(rows, columns=["step", "part", "d·lr"])
+    found = ", ".join(f"{_PARTS[part]} {rate:.1e}" for part, rate in job.learning_rates.items())
+    title = f"Learning rate found: {found}" if found else "Learning-rate estimate (d·lr)"
+    return gr.LinePlot.update(value=frame, x="step", y="d·lr", color="part", title=title, width=420, height=260)
+
+
 # The last Train click that was refused before it became a job (bad name, folder, settings): the periodic
 # refresh shows it instead of the finished job before it, until a new job starts; a running job is shown.
 _refusal: tuple[float, str] | None = None
@@ -194,13 +231,14 @@ def _refresh():
     running = job is not None and job.state in ("queued", "running")
     if _refusal is not None and not running and (job is None or job.started_at < _refusal[0]):
         return gr.LinePlot.update(value=_loss_frame(None)), "", _refusal[1]
-    return gr.LinePlot.update(value=_loss_frame(job)), _files_html(job), _status_html(job)
+    return _plot_update(job), _files_html(job), _status_html(job)
 
 
 def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, shown: dict,
-           *values, prepare_only: bool = False):
+           *values, prepare_only: bool = False, find_lr: bool = False):
     """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun. With
-    ``prepare_only`` it fills the cache (Prepare for training) instead of training."""
+    ``prepare_only`` it fills the cache (Prepare for training), with ``find_lr`` it finds the learning rate,
+    instead of training."""
     runner = jobs()
     try:
         settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
@@ -215,8 +253,21 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
         _refusal = (time.time(), f"<div class='error'>{html.escape(str(error))}</div>")
         return "", _refusal[1]
     job.id = id_task
-    (runner.run_prepare if prepare_only else runner.run)(job, config)
+    (runner.run_find_lr if find_lr else runner.run_prepare if prepare_only else runner.run)(job, config)
     return _files_html(job), _status_html(job)
+
+
+def _find_lr(keys: list[str], id_task: str, *inputs) -> list:
+    """The learning-rate finder, then its rates in the learning-rate fields (2 significant digits) and AdamW in place
+    of an adaptive optimizer, which would read them as multipliers. The status HTML comes last (the WebUI's wrapper
+    appends its timing to the last output)."""
+    files, status = _train(keys, id_task, *inputs, find_lr=True)
+    job = jobs().current
+    found = job.learning_rates if job is not None and job.id == id_task and job.state == "done" else {}
+    optimizer = inputs[5 + keys.index("optimizer")]
+    fields = [gr.update(value=float(f"{found[part]:.2g}")) if part in found else gr.update() for part in _PARTS]
+    switch = gr.update(value="AdamW") if found and OPTIMIZER_KINDS[optimizer].adaptive else gr.update()
+    return [*fields, switch, files, status]
 
 
 def _follow_loaded_family(keys: list[str], shown: dict, *values) -> list:
@@ -306,6 +357,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             with gr.Row():
                 prepare = gr.Button("Prepare for training (encode pictures and captions ahead)",
                                     elem_id="train_tools_prepare")
+                find_lr = gr.Button("Find learning rate", elem_id="train_tools_find_lr")
                 clear_cache = gr.Button("Clear cache", elem_id="train_tools_clear_cache")
             cache_info = gr.HTML(elem_id="train_tools_cache_info")
         with gr.Column(scale=2):
@@ -331,6 +383,13 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
         inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
         outputs=[files, output],
     ).then(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
+    find_lr.click(
+        fn=call_queue.wrap_gradio_gpu_call(partial(_find_lr, list(components)),
+                                           extra_outputs=[gr.update(), gr.update(), gr.update(), ""]),
+        _js="train_tools_start",
+        inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
+        outputs=[components["unet_lr"], components["text_encoder_lr"], components["optimizer"], files, output],
+    )
     train_event.then(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
     clear_cache.click(fn=_clear_cache, inputs=[train_dir], outputs=[cache_info])
     train_dir.change(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
