@@ -51,6 +51,14 @@ class CacheReport:
                      + "\n".join(f"- {problem}" for problem in self.problems))
         return text
 
+    def read(self, store: TensorStore, key: str, what: str) -> dict[str, torch.Tensor] | None:
+        """``store``'s entry, or None when it is missing or damaged; a damaged one is listed as ``what``."""
+        try:
+            return store.read(key)
+        except DamagedEntry as damaged:
+            self.problems.append(f"{damaged} ({what})")
+            return None
+
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.tensor_store import CacheReport, DamagedEntry, TensorStore
+from ..common.tensor_store import CacheReport, TensorStore
 from .buckets import Size
 
 # Part of every key: change it when loading, resizing or cropping a picture changes, so old latents go unused.
@@ -41,11 +41,8 @@ class LatentCache:
 
     def load(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool) -> torch.Tensor | None:
         self.report.latents_total += 1
-        try:
-            tensors = self.store.read(self.key(picture, resized_size, bucket, flipped))
-        except DamagedEntry as damaged:
-            self.report.problems.append(f"{damaged} (latent of {picture.name}{', mirrored' if flipped else ''})")
-            return None
+        tensors = self.report.read(self.store, self.key(picture, resized_size, bucket, flipped),
+                                   f"latent of {picture.name}{', mirrored' if flipped else ''}")
         if tensors is None:
             return None
         self.report.latents_reused += 1
@@ -63,11 +60,8 @@ class LatentCache:
     def load_mask(self, picture: Path, resized_size: Size, bucket: Size, flipped: bool,
                   latent_size: tuple[int, int]) -> torch.Tensor | None:
         self.report.masks_total += 1
-        try:
-            tensors = self.mask_store.read(self.mask_key(picture, resized_size, bucket, flipped, latent_size))
-        except DamagedEntry as damaged:
-            self.report.problems.append(f"{damaged} (mask of {picture.name}{', mirrored' if flipped else ''})")
-            return None
+        tensors = self.report.read(self.mask_store, self.mask_key(picture, resized_size, bucket, flipped, latent_size),
+                                   f"mask of {picture.name}{', mirrored' if flipped else ''}")
         if tensors is None:
             return None
         self.report.masks_reused += 1

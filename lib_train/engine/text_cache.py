@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common.tensor_store import CacheReport, DamagedEntry, TensorStore
+from ..common.tensor_store import CacheReport, TensorStore
 from ..hosts.protocol import TextEmbedding, TrainingHost
 
 _TENSOR = "embedding"  # an SD1 entry; SDXL's dict is stored as "part.<name>" tensors
@@ -27,11 +27,7 @@ class CaptionStore:
         return f"caption | text encoders {self.identity} | {caption}"
 
     def load(self, caption: str, device: torch.device) -> TextEmbedding | None:
-        try:
-            tensors = self.store.read(self.key(caption))
-        except DamagedEntry as damaged:
-            self.report.problems.append(f"{damaged} (embedding of the caption {caption[:60]!r})")
-            return None
+        tensors = self.report.read(self.store, self.key(caption), f"embedding of the caption {caption[:60]!r}")
         if tensors is None:
             return None
         self.report.captions_reused += 1
