@@ -154,6 +154,32 @@ def test_fused_attention_lora_equals_the_builtin_lora_merge():
     assert torch.allclose(hooked[0], merged[0], atol=1e-5) and torch.allclose(hooked[1], merged[1], atol=1e-5)
 
 
+def test_detaching_the_text_encoder_part_leaves_both_encoders_bare_and_the_unet_hooked(sdxl_host):
+    """The preview grid hands the text encoders' part to the built-in Lora: none of ours may stay, including
+    the fused OpenCLIP attention of TE2 (an instance forward that would also hide A1111's own merge)."""
+    captions = ["ttconcept, red circle"]
+    sizes = [SizeCondition((64, 64), (0, 0), (64, 64))]
+    latents, timesteps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    with torch.no_grad():
+        bare_text = sdxl_host.encode_captions(captions)
+        bare_prediction = sdxl_host.predict(latents, timesteps, sdxl_host.unet_conditioning(bare_text, sizes))
+    network = LoRANetwork.for_host(sdxl_host, rank=4, alpha=2.0, seed=3)
+    with torch.no_grad():
+        for module in network.modules_in_order():
+            module.lora_up.weight.normal_(0, 0.05)
+    network.attach()
+    try:
+        network.detach_text_encoder()
+        with torch.no_grad():
+            text = sdxl_host.encode_captions(captions)
+            prediction = sdxl_host.predict(latents, timesteps, sdxl_host.unet_conditioning(text, sizes))
+        assert all(torch.equal(text[k], bare_text[k]) for k in bare_text)
+        assert not torch.allclose(prediction, bare_prediction, atol=1e-4)
+    finally:
+        network.detach()
+    assert hook_count(sdxl_host.unet) == 0 and "forward" not in vars(sdxl_host.text_encoders[1].module.transformer.resblocks[0].attn)
+
+
 # --- conditioning --------------------------------------------------------------------------------------------
 
 

@@ -109,6 +109,15 @@ class LoRANetwork(nn.Module):
         for fused in self._fused:
             fused.detach()
 
+    def detach_text_encoder(self) -> None:
+        """Remove the text encoders' part only (its fused attentions too), leaving the UNet's attached."""
+        text_parts = {id(module) for module in self.text_encoder_modules}
+        for module in self.text_encoder_modules:
+            module.detach()
+        for fused in self._fused:
+            if any(id(part) in text_parts for part in fused.parts.values()):
+                fused.detach()
+
     @contextmanager
     def attached(self) -> Iterator["LoRANetwork"]:
         """Hooks in place for the duration of the block, removed whatever happens."""

@@ -80,8 +80,7 @@ class WebUIGridRenderer:
                     network = network_for(state)
                     network.attach()
                     if self._builtin_lora_available():
-                        for module in network.text_encoder_modules:
-                            module.detach()  # the built-in Lora merges this part (text_encoder_at)
+                        network.detach_text_encoder()  # the built-in Lora merges this part (text_encoder_at)
                 else:
                     network.load_kohya_state_dict(state)  # same shape for every epoch of a run: swap in place
                 for iz, z in enumerate(z_values):
