@@ -1,8 +1,10 @@
 """End-to-end check of the learning-rate finder inside a real, running WebUI (not run by CI: CI has no WebUI).
 
-    python tests/webui/check_find_lr.py --url http://127.0.0.1:7861 --lora-dir <webui>/models/Lora [--steps 150]
+    python tests/webui/check_find_lr.py --url http://127.0.0.1:7861 --lora-dir <webui>/models/Lora [--steps 150] \
+        [--pictures 2 --resolution 256]
 
-Finds the learning rate on 8 generated 128-px pictures through the HTTP API while watching the WebUI's progress,
+Finds the learning rate on generated pictures (2 at 256 px by default: a random-weight SD1.5 goes to NaN on
+some pictures at any learning rate, as plain training on them does) through the HTTP API while watching the WebUI's progress,
 then checks: a finite positive rate per part, the live model hash-identical, no file in the Lora folder, a
 fixed-seed txt2img identical before and after, and Stop ending a second probe early. Prints the rates and the
 seconds it took. Exits non-zero on the first failed check.
@@ -28,14 +30,16 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:7861")
     parser.add_argument("--lora-dir", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--pictures", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=256)
     args = parser.parse_args()
     api = args.url.rstrip("/")
     name = f"ttlr{int(time.time()) % 100000}"
 
     with tempfile.TemporaryDirectory() as scratch:
-        pictures = make_pictures(Path(scratch), "ttlr")
+        pictures = make_pictures(Path(scratch), "ttlr", count=args.pictures)
         before = txt2img(api, "ttlr, red disc")
-        settings = dict(name=name, train_dir=str(pictures), trigger_words="ttlr", resolution=128, enable_buckets=False,
+        settings = dict(name=name, train_dir=str(pictures), trigger_words="ttlr", resolution=args.resolution, enable_buckets=False,
                         batch_size=1, rank=4, alpha=4.0, text_encoder_lr=5e-5, lr_finder_steps=args.steps)
         started = time.time()
         job = request(api + "/train-tools/v1/find-lr", settings)
