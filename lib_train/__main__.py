@@ -1,7 +1,7 @@
 """Headless training: ``python -m lib_train train --config FILE [--checkpoint PATH] [--device cuda]``, and the
 learning-rate finder on the same settings: ``python -m lib_train find-lr --config FILE [...]``.
 
-With ``--checkpoint`` it trains on an SD1.x or SDXL ``.safetensors`` checkpoint; without, on the built-in tiny
+With ``--checkpoint`` it trains on an SD1.x, SD2.x or SDXL ``.safetensors`` checkpoint; without, on the built-in tiny
 model (a demo that runs in seconds on a CPU and writes a real kohya-format LoRA).
 """
 
@@ -24,8 +24,10 @@ from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
 from .hosts.protocol import BaseModelInfo, PredictionType, Progress
 from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
+from .hosts.sd2 import SD2Model, checkpoint_prediction_type, load_sd2_checkpoint
 from .hosts.sdxl import SDXLModel, load_sdxl_checkpoint
 from .hosts.standalone import StandaloneHost
+from .hosts.standalone_sd2 import StandaloneSD2Host
 from .hosts.standalone_sdxl import StandaloneSDXLHost
 
 
@@ -37,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "estimate per part; nothing is saved)")
     for command in (train, find_lr):
         command.add_argument("--config", required=True, help="TOML file with the training settings")
-        command.add_argument("--checkpoint", help="SD1.x or SDXL .safetensors checkpoint (default: the built-in tiny "
+        command.add_argument("--checkpoint", help="SD1.x, SD2.x or SDXL .safetensors checkpoint (default: the built-in tiny "
                              "demo model)")
         command.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
         command.add_argument("--v-prediction", action="store_true",
-                             help="the checkpoint predicts velocity (read from its 'v_pred' key when it has one)")
+                             help="the checkpoint predicts velocity (read from its 'v_pred' key, or the "
+                             "'parameterization' of its .yaml config beside it, when it has one)")
         command.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
                              "(a rerun then starts without encoding; the result is the same)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
@@ -112,9 +115,14 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_predi
         # NoobAI's v-prediction releases mark themselves with an empty 'v_pred' tensor (the WebUI's dev branch
         # reads the same key).
         v_prediction = v_prediction or "v_pred" in keys
-        is_sdxl = any(key.startswith("conditioner.") for key in keys)
-        model = (load_sdxl_checkpoint(path, dtype=weights_dtype or torch.float32) if is_sdxl
-                 else load_sd1_checkpoint(path))
+        if any(key.startswith("conditioner.") for key in keys):
+            model = load_sdxl_checkpoint(path, dtype=weights_dtype or torch.float32)
+        elif any(key.startswith("cond_stage_model.model.") for key in keys):
+            model = load_sd2_checkpoint(path)
+            # The 768-v models' config (v2-inference-v.yaml, beside the file as the WebUI wants it) says so.
+            v_prediction = v_prediction or checkpoint_prediction_type(path) is PredictionType.V
+        else:
+            model = load_sd1_checkpoint(path)
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))
     # Like the WebUI on a GPU (and kohya), frozen weights are held in the mixed-precision dtype. Norm layers
     # stay float32: ldm's GroupNorm32 computes in float32 and CPU autocast does not cast its weights. The VAE
@@ -127,7 +135,8 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_predi
             if isinstance(norm, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 norm.float()
     print(f"model ready in {time.time() - started:.1f}s", file=sys.stderr)
-    host_class = StandaloneSDXLHost if isinstance(model, SDXLModel) else StandaloneHost
+    host_class = (StandaloneSDXLHost if isinstance(model, SDXLModel) else StandaloneSD2Host if isinstance(model, SD2Model)
+                  else StandaloneHost)
     prediction = PredictionType.V if v_prediction else PredictionType.EPSILON
     return host_class(model, device=device, clip_skip=config.clip_skip, base_model=info,
                       on_progress=_print_progress, seed=config.seed, prediction_type=prediction)

@@ -159,10 +159,10 @@ def test_refusals(live):
         WebUIHost(webui)
     webui.shared.cmd_opts.lowvram = False
     model = webui.shared.sd_model
-    model.is_sd1, model.is_sd2 = False, True
-    with pytest.raises(ConfigError, match="the loaded model is SD2.x"):
+    model.is_sd1, model.is_sd3 = False, True
+    with pytest.raises(ConfigError, match="the loaded model is SD3"):
         WebUIHost(webui)
-    model.is_sd2, model.is_sdxl = False, True  # an SDXL without CLIP-L: the refiner
+    model.is_sd3, model.is_sdxl = False, True  # an SDXL without CLIP-L: the refiner
     with pytest.raises(ConfigError, match="SDXL refiner"):
         WebUIHost(webui)
     model.is_sdxl_inpaint = True

@@ -1,4 +1,4 @@
-"""Defaults that depend on the model family: ``TrainConfig``'s are a first SD1.5 LoRA; SDXL differs.
+"""Defaults that depend on the model family: ``TrainConfig``'s are a first SD1.5 LoRA; SDXL and SD2 768-v differ.
 
 SDXL was trained at 1024² with buckets from 512 to 2048 (kohya's SDXL docs use the same range). On a GPU the
 wall is VRAM: the WebUI already holds ~7 GB of fp16 SDXL, so the SDXL default is what fits a 12 GB card —
@@ -13,15 +13,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..hosts.protocol import ModelFamily
+from ..hosts.protocol import ModelFamily, PredictionType
 from .config import TrainConfig
 
+# The SD2 768-v models were trained at 768² (the 512 base keeps TrainConfig's 512; kohya's buckets fit both).
+_SD2_768_V = {"resolution": 768}
 _SDXL = {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "text_encoder_lr": 0.0,
          "gradient_checkpointing": True}
 
 
-def family_overrides(family: ModelFamily | None, on_cuda: bool, has_bitsandbytes: bool) -> dict[str, Any]:
-    """The settings whose default for this family (and device) differs from ``TrainConfig``'s."""
+def family_overrides(family: ModelFamily | None, on_cuda: bool, has_bitsandbytes: bool,
+                     prediction_type: PredictionType = PredictionType.EPSILON) -> dict[str, Any]:
+    """The settings whose default for this family (and device, and prediction type) differs from ``TrainConfig``'s."""
+    if family is ModelFamily.SD2 and prediction_type is PredictionType.V:
+        return dict(_SD2_768_V)
     if family is not ModelFamily.SDXL:
         return {}
     overrides = dict(_SDXL)

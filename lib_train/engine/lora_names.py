@@ -142,11 +142,13 @@ _OPENCLIP_MLP = {"mlp.c_fc": "mlp_fc1", "mlp.c_proj": "mlp_fc2"}
 FUSED_ATTENTION_PARTS = ("q", "k", "v", "out")
 
 
-def openclip_text_targets(text_model: nn.Module, key_prefix: str) -> list[LoraTarget]:
+def openclip_text_targets(text_model: nn.Module, key_prefix: str, skip_last: bool = False) -> list[LoraTarget]:
     """LoRA targets of an OpenCLIP text tower (SDXL TE2, SD2): q/k/v/out of each fused attention and both MLP
-    layers, under kohya's HF names (``lora_te2_text_model_encoder_layers_N_self_attn_q_proj``)."""
+    layers, under kohya's HF names (``lora_te2_text_model_encoder_layers_N_self_attn_q_proj``); all blocks but the
+    last with ``skip_last``."""
     targets = []
-    for index, block in enumerate(text_model.transformer.resblocks):
+    blocks = list(text_model.transformer.resblocks)
+    for index, block in enumerate(blocks[:-1] if skip_last else blocks):
         stem = f"{key_prefix}_text_model_encoder_layers_{index}"
         for part in FUSED_ATTENTION_PARTS:
             targets.append(LoraTarget(f"{stem}_self_attn_{part}_proj", block.attn, False, fused_part=part))
@@ -160,11 +162,13 @@ def model_targets(family: ModelFamily, unet: nn.Module, text_encoders: list[tupl
     """(UNet targets, text-encoder targets) of a model of ``family``, under the keys kohya writes for it
     (``lycoris``: LyCORIS's layer set; the text encoders' layers are the same for both).
     ``text_encoders`` are (module, key prefix) pairs: HF CLIPTextModels or OpenCLIP text towers."""
-    if family not in (ModelFamily.SD1, ModelFamily.SDXL):
-        raise NotImplementedError(f"LoRA for {family.value} is not supported yet.")
     unet_part = unet_targets(unet, with_convs, ldm_keys=family is ModelFamily.SDXL, lycoris=lycoris)
+    # SD2 conditions on OpenCLIP's penultimate block: the last never runs, and kohya, which converts the text
+    # model to a 23-layer HF CLIP, writes no keys for it. SDXL's bigG runs all blocks (its pooled output).
+    skip_last = family is ModelFamily.SD2
     text_part: list[LoraTarget] = []
     for module, prefix in text_encoders:
         is_openclip = hasattr(getattr(module, "transformer", None), "resblocks")
-        text_part += openclip_text_targets(module, prefix) if is_openclip else text_encoder_targets(module, prefix)
+        text_part += (openclip_text_targets(module, prefix, skip_last) if is_openclip
+                      else text_encoder_targets(module, prefix))
     return unet_part, text_part

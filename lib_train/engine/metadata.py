@@ -18,6 +18,7 @@ from .optim import describe_optimizer, optimizer_kind
 _BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}
 _ARCHITECTURE = {ModelFamily.SD1: "stable-diffusion-v1/lora", ModelFamily.SD2: "stable-diffusion-v2-512/lora",
                  ModelFamily.SDXL: "stable-diffusion-xl-v1-base/lora"}
+_SD2_V_ARCHITECTURE = "stable-diffusion-v2-768-v/lora"  # kohya's modelspec for v2 with v-parameterization
 _SIDECAR_VERSION = {ModelFamily.SD1: "SD1", ModelFamily.SD2: "SD2", ModelFamily.SDXL: "SDXL"}
 
 
@@ -143,7 +144,8 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
 
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _ARCHITECTURE[facts.family],
+        "modelspec.architecture": _SD2_V_ARCHITECTURE if facts.family is ModelFamily.SD2
+        and facts.prediction_type is PredictionType.V else _ARCHITECTURE[facts.family],
         "modelspec.implementation": "diffusers" if facts.family is not ModelFamily.SDXL
         else "https://github.com/Stability-AI/generative-models",
         "modelspec.title": output_name,

@@ -1,10 +1,11 @@
-"""OpenCLIP's text tower (SDXL's second text encoder, ViT-bigG-14) under open_clip's own module names.
+"""OpenCLIP's text tower (SDXL's second text encoder, ViT-bigG-14; SD2's text encoder, ViT-H-14) under open_clip's
+own module names.
 
 open_clip cannot be imported without torchvision, which CI cannot install beside CPU torch; this tower has
 the same submodules, parameter names and computation as ``open_clip.CLIP`` without its vision tower (what
-sgm's ``FrozenOpenCLIPEmbedder2`` keeps), with torch's own ``nn.MultiheadAttention`` as open_clip uses it, so
-naming, hooking and checkpoint loading run on the tree the WebUI holds at
-``conditioner.embedders.1.model``.
+sgm's ``FrozenOpenCLIPEmbedder2`` and ldm's ``FrozenOpenCLIPEmbedder`` keep), with torch's own
+``nn.MultiheadAttention`` as open_clip uses it, so naming, hooking and checkpoint loading run on the tree the
+WebUI holds at ``conditioner.embedders.1.model`` (SDXL) and ``cond_stage_model.wrapped.model`` (SD2).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 # open_clip's ViT-bigG-14 text config.
 BIGG_TEXT = dict(context_length=77, vocab_size=49408, width=1280, heads=20, layers=32, embed_dim=1280)
+# open_clip's ViT-H-14 text config (SD2).
+H14_TEXT = dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24, embed_dim=1024)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -75,3 +78,17 @@ def encode_penultimate_and_pooled(model: OpenCLIPText, tokens: torch.Tensor) -> 
     # The end-of-text token has the highest id in every sequence.
     pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
     return penultimate, pooled
+
+
+# ldm's FrozenOpenCLIPEmbedder layer choice (SD2's yaml says "penultimate"): how many blocks from the end it skips.
+OPENCLIP_LAYER_SKIP = {"last": 0, "penultimate": 1}
+
+
+def encode_through_blocks(model: OpenCLIPText, tokens: torch.Tensor, blocks: int) -> torch.Tensor:
+    """What ldm's FrozenOpenCLIPEmbedder.encode_with_transformer gives (SD2's text conditioning): the first
+    ``blocks`` blocks, then ln_final, (B, 77, width)."""
+    x = (model.token_embedding(tokens) + model.positional_embedding).permute(1, 0, 2)
+    mask = model.attn_mask.to(x.dtype)
+    for block in model.transformer.resblocks[:blocks]:
+        x = block(x, attn_mask=mask)
+    return model.ln_final(x.permute(1, 0, 2))

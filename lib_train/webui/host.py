@@ -1,4 +1,4 @@
-"""The host protocol over the WebUI's live model (``shared.sd_model``), SD1.x for now.
+"""The host protocol over the WebUI's live model (``shared.sd_model``): SD1.x here, SDXL and SD2.x in their files.
 
 The WebUI's modules are handed in as a namespace (see ``scripts/train_tools.py``), so this package
 imports none of them and the tests can drive this adapter with a stand-in built from real classes.
@@ -58,24 +58,43 @@ def model_family(sd_model) -> ModelFamily:
             raise ConfigError("The loaded model is an SDXL refiner (it has only the OpenCLIP text encoder); LoRA is "
                               "trained on an SDXL base model. Load one first.")
         return ModelFamily.SDXL
-    if getattr(sd_model, "is_sd1", False) and not getattr(sd_model, "is_sd2", False):
+    if getattr(sd_model, "is_sd2", False):
+        # ldm's DiffusionWrapper: "hybrid" for inpainting and depth models, "crossattn-adm" for unCLIP.
+        conditioning = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+        if conditioning != "crossattn":
+            raise ConfigError(f"The loaded model is an SD2.x inpainting, depth or unCLIP checkpoint ({conditioning} "
+                              "conditioning); Train Tools trains on the SD2.x text-to-image models (512 base, 768-v "
+                              "and their fine-tunes). Load one of those first.")
+        return ModelFamily.SD2
+    if getattr(sd_model, "is_sd1", False):
         return ModelFamily.SD1
-    kind = ("SD2.x" if getattr(sd_model, "is_sd2", False) else "SD3" if getattr(sd_model, "is_sd3", False)
-            else type(sd_model).__name__)
-    raise ConfigError(f"Train Tools trains on SD1.x and SDXL checkpoints; the loaded model is {kind}. "
-                      "Load an SD1.x or SDXL checkpoint in the WebUI first.")
+    kind = "SD3" if getattr(sd_model, "is_sd3", False) else type(sd_model).__name__
+    raise ConfigError(f"Train Tools trains on SD1.x, SD2.x and SDXL checkpoints; the loaded model is {kind}. "
+                      "Load an SD1.x, SD2.x or SDXL checkpoint in the WebUI first.")
 
 
 def webui_host(webui: WebUI, **kwargs) -> "WebUIHost":
     """The host for the WebUI's loaded model, of its family."""
-    if model_family(webui.shared.sd_model) is ModelFamily.SDXL:
+    family = model_family(webui.shared.sd_model)
+    if family is ModelFamily.SDXL:
         from .host_sdxl import WebUISDXLHost
         return WebUISDXLHost(webui, **kwargs)
+    if family is ModelFamily.SD2:
+        from .host_sd2 import WebUISD2Host
+        return WebUISD2Host(webui, **kwargs)
     return WebUIHost(webui, **kwargs)
 
 
+def text_path_clip_skip(webui: WebUI) -> int:
+    """The clip skip the WebUI's text path applies to the loaded model: its option, except on SD2, whose OpenCLIP
+    layer is the model config's choice (the WebUI reads no option there)."""
+    if getattr(webui.shared.sd_model, "is_sd2", False):
+        return 1
+    return int(getattr(webui.shared.opts, "CLIP_stop_at_last_layers", 1))
+
+
 class WebUIHost:
-    """Implements ``TrainingHost`` over ``shared.sd_model`` (SD1; ``WebUISDXLHost`` for SDXL); progress goes
+    """Implements ``TrainingHost`` over ``shared.sd_model`` (SD1; ``WebUISDXLHost``, ``WebUISD2Host``); progress goes
     to ``shared.state``."""
 
     def __init__(self, webui: WebUI, *, seed: int = 0, on_progress: Callable[[Progress], None] | None = None,

@@ -29,12 +29,12 @@ from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
 from ..engine.save import OutputPlan
 from ..engine.train import prepare_caches, train_lora
-from ..hosts.protocol import ModelFamily, Progress
+from ..hosts.protocol import ModelFamily, PredictionType, Progress
 from ..preview.epoch_choice import ChoiceResult, choose_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model, lora_family
-from .host import WebUI, WebUIHost, model_family, webui_host
+from .host import WebUI, WebUIHost, model_family, text_path_clip_skip, webui_host
 
 from .path_policy import confine
 
@@ -97,14 +97,16 @@ class TrainingJobs:
     # -- preparing ------------------------------------------------------------------------------
 
     def family_defaults(self, sd_model) -> dict:
-        """The settings whose default differs for the loaded model's family (SDXL: 1024², UNet only, …); none
+        """The settings whose default differs for the loaded model's family (SDXL: 1024², UNet only, …; SD2 768-v:
+        768²); none
         when no model is loaded or it is one Train Tools refuses (the Train click names that)."""
         try:
             family = model_family(sd_model) if sd_model is not None else None
         except ConfigError:
             family = None
         on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
-        return family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None)
+        prediction = PredictionType.V if getattr(sd_model, "parameterization", "eps") == "v" else PredictionType.EPSILON
+        return family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None, prediction)
 
     def prepare(self, values: dict) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
@@ -122,7 +124,7 @@ class TrainingJobs:
             train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
         values["train_dir"] = train_dir
         # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
-        values["clip_skip"] = int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1))
+        values["clip_skip"] = text_path_clip_skip(self.webui)
         config = TrainConfig.from_dict(values).validate()
         self._refuse_alias_clashes(config)
         return config
