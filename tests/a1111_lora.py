@@ -3,9 +3,12 @@ network_lora.py, network_hada.py, network_lokr.py, lyco_helpers.py, networks.py)
 
 Which module type takes a layer's tensors (tried in the built-in order), the ΔW it merges into the layer's
 weight (``calc_updown`` then ``finalize_updown``: scale alpha/dim, DoRA's ``apply_weight_decompose``, the
-multiplier), and the merge of a fused attention (q/k/v rows stacked into ``in_proj_weight``)."""
+multiplier), the merge of a fused attention (q/k/v rows stacked into ``in_proj_weight``), and SD2's text-encoder
+key conversion with the fused-attention lookup."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -104,3 +107,28 @@ def split_by_layer(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
         stem, _, part = key.partition(".")
         layers.setdefault(stem, {})[part] = tensor
     return layers
+
+
+def sd2_text_compvis_name(key: str) -> str | None:
+    """convert_diffusers_name_to_compvis for a ``lora_te_`` key when the model is SD2 (its mapping holds
+    ``model_transformer_resblocks``): the HF-CLIP names kohya writes back to OpenCLIP's."""
+    match = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
+    if match is None:
+        return None
+    rest = match[2]
+    if "mlp_fc1" in rest:
+        rest = rest.replace("mlp_fc1", "mlp_c_fc")
+    elif "mlp_fc2" in rest:
+        rest = rest.replace("mlp_fc2", "mlp_c_proj")
+    else:
+        rest = rest.replace("self_attn", "attn")
+    return f"model_transformer_resblocks_{match[1]}_{rest}"
+
+
+def find_layer(mapping: dict[str, torch.nn.Module], compvis_key: str) -> torch.nn.Module | None:
+    """load_network's lookup of a converted key: the name itself, else (a fused attention's q/k/v) the name
+    without its ``_q_proj`` / ``_k_proj`` / ``_v_proj``."""
+    module = mapping.get(compvis_key)
+    if module is None and (match := re.fullmatch(r"(.*)_[qkv]_proj", compvis_key)):
+        module = mapping.get(match[1])
+    return module

@@ -108,13 +108,21 @@ class SDModel(nn.Module):
 
 
 def restore_from_backup(module):
-    """As the built-in Lora does it: a plain in-place copy (it runs under no_grad in the WebUI's own calls)."""
-    module.weight.copy_(module.network_weights_backup)
+    """As the built-in Lora does it: a plain in-place copy (it runs under no_grad in the WebUI's own calls); a
+    fused attention's backup is its in_proj and out_proj weights."""
+    if isinstance(module, nn.MultiheadAttention):
+        module.in_proj_weight.copy_(module.network_weights_backup[0])
+        module.out_proj.weight.copy_(module.network_weights_backup[1])
+    else:
+        module.weight.copy_(module.network_weights_backup)
 
 
 def merge_lora(sd_model, state: dict, te_weight: float, unet_weight: float, name: str = "lora") -> None:
     """What the built-in Lora does for <lora:name:w>: back each layer up, then W' = W + ΔW·w with ΔW of the layer's
     module type (LoRA, LoHa, LoKr, DoRA: tests/a1111_lora.py), in its order of operations."""
+    if hasattr(sd_model, "merge_builtin_lora"):  # another family's stand-in resolves its own keys
+        sd_model.merge_builtin_lora(state, te_weight, unet_weight, name)
+        return
     targets = [(t, unet_weight) for t in unet_targets(sd_model.model.diffusion_model, with_convs=True, lycoris=True)] + \
         [(t, te_weight) for t in text_encoder_targets(sd_model.cond_stage_model.wrapped.transformer, "lora_te")]
     layers = a1111_lora.split_by_layer(state)
@@ -146,13 +154,14 @@ def make_webui(lora_dir: Path) -> WebUI:
     )
 
     def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
-        """The built-in Lora's loader by alias (a file stem under the Lora folder); it merges at once."""
+        """The built-in Lora's loader by alias (a file stem under the Lora folder); it merges into the loaded model
+        at once."""
         networks.loaded_networks.clear()
         for index, name in enumerate(names):
             found = sorted(Path(lora_dir).rglob(f"{name}.safetensors"))
             if not found:
                 continue
-            merge_lora(sd_model, load_file(str(found[0])), te_multipliers[index] if te_multipliers else 1.0,
+            merge_lora(webui.shared.sd_model, load_file(str(found[0])), te_multipliers[index] if te_multipliers else 1.0,
                        unet_multipliers[index] if unet_multipliers else 1.0, name)
             networks.loaded_networks.append(SimpleNamespace(name=name))
         events.append(f"load-networks:{','.join(names)}")
