@@ -346,3 +346,47 @@ def test_preview_grid_cells_equal_txt2img_with_the_lora_on_sd2(tmp_path):
     job = jobs.run(jobs.begin(), config)
     assert job.state == "done", job.error
     assert_cells_equal_merged_renders(webui, jobs, tmp_path)
+
+
+# --- an independent consumer -----------------------------------------------------------------------------
+
+
+def test_trained_file_loads_into_diffusers_sd2_with_matching_delta(tmp_path):
+    """diffusers' SD2 (Linear projections, a 23-layer HF CLIP text model, here 2 of the tiny's 3) takes every key,
+    the 2-D proj_in/proj_out tensors included, with ΔW = up·down·α/r."""
+    diffusers = pytest.importorskip("diffusers")
+    peft_lora = pytest.importorskip("peft.tuners.lora")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    host = StandaloneSD2Host(build_tiny_sd2(seed=0))
+    make_concept_images(tmp_path / "data" / "2_concept", count=2)
+    result = train_lora(host, tiny_config(tmp_path / "data", tmp_path / "out", epochs=1, conv_rank=2, conv_alpha=1.0,
+                                          alpha=2.0))
+    state = load_file(str(result.saved_files[-1]))
+
+    channels = [TINY_SD2_UNET["model_channels"] * m for m in TINY_SD2_UNET["channel_mult"]]
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=TINY_SD2_TEXT["width"],
+        attention_head_dim=[c // TINY_SD2_UNET["num_head_channels"] for c in channels], use_linear_projection=True,
+        norm_num_groups=32)
+    width = TINY_SD2_TEXT["width"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
+                                                num_hidden_layers=TINY_SD2_TEXT["layers"] - 1, hidden_act="gelu",
+                                                num_attention_heads=TINY_SD2_TEXT["heads"], projection_dim=width))
+    lora_state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(dict(state))
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(lora_state, alphas, unet=unet, adapter_name="t")
+    diffusers.StableDiffusionPipeline.load_lora_into_text_encoder(lora_state, alphas, text_encoder=text_encoder,
+                                                                  adapter_name="t")
+    loaded = {}
+    for prefix, model in (("lora_unet_", unet), ("lora_te_", text_encoder)):
+        for name, module in model.named_modules():
+            if isinstance(module, peft_lora.LoraLayer) and "t" in module.lora_A:
+                loaded[prefix + name.replace(".", "_")] = module
+    file_modules = {k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")}
+    assert set(loaded) == file_modules
+    for key, module in loaded.items():
+        down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+        expected = (up.flatten(1) @ down.flatten(1)) * (float(state[f"{key}.alpha"]) / down.shape[0])
+        assert torch.allclose(module.get_delta_weight("t").flatten(1), expected, atol=1e-6), key
