@@ -105,21 +105,26 @@ def test_every_name_resolves_to_the_trained_layer_in_the_webui(sd2_on_meta):
 # --- the built-in Lora's merge equals our hooks ----------------------------------------------------------
 
 
-@PROJECTIONS
-def test_builtin_lora_merge_equals_the_hooked_network_and_unmerges_exactly(tmp_path, linear):
-    """Every key of a LoCon file is taken by the built-in Lora (the stand-in asserts each one resolves), 2-D
-    tensors on Linear projections and 4-D on 1×1 convs, and the merged model computes what our hooks compute."""
+@pytest.mark.parametrize("linear, kind", [(True, "lora"), (False, "lora"), (True, "loha"), (True, "lokr"),
+                                          (True, "dora")])
+def test_builtin_lora_merge_equals_the_hooked_network_and_unmerges_exactly(tmp_path, linear, kind):
+    """Every key of a LoCon (LoHa, LoKr, DoRA) file is taken by the built-in Lora (the stand-in asserts each one
+    resolves), 2-D tensors on Linear projections and 4-D on 1×1 convs, and the merged model computes what our hooks
+    compute, OpenCLIP's fused attention included."""
     webui = make_sd2_webui(tmp_path / "Lora", linear_projections=linear)
     host = webui_host(webui)
     model = webui.shared.sd_model
     before = fingerprint(model)
-    network = LoRANetwork.for_host(host, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, seed=3)
-    with torch.no_grad():
-        for module in network.modules_in_order():
-            module.lora_up.weight.normal_(0, 0.05)
+    network = LoRANetwork.for_host(host, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, seed=3,
+                                   network_type="lora" if kind == "dora" else kind, dora=kind == "dora")
+    with torch.no_grad():  # the zero-initialised factors made small and random, so every module changes its layer
+        for parameter in network.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
     state = network.kohya_state_dict()
-    proj = state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
-    assert proj.dim() == (2 if linear else 4)
+    if kind == "lora":
+        proj = state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+        assert proj.dim() == (2 if linear else 4)
     torch.manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
     prompts = ["a red circle", "hat (object)"]
