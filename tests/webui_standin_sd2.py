@@ -40,9 +40,9 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
 
 class OpenCLIPCondStageModel(nn.Module):
-    def __init__(self, wrapped: FrozenOpenCLIPEmbedder, opts):
+    def __init__(self, wrapped: FrozenOpenCLIPEmbedder):
         super().__init__()
-        self.wrapped, self.opts = wrapped, opts
+        self.wrapped = wrapped
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         texts = [re.sub(r"\\(.)", r"\1", p) for p in prompts]
@@ -54,7 +54,7 @@ class OpenCLIPCondStageModel(nn.Module):
 
 
 class SD2Model(nn.Module):
-    def __init__(self, opts, parameterization: str = "v", linear_projections: bool = True):
+    def __init__(self, parameterization: str = "v", linear_projections: bool = True):
         super().__init__()
         tiny = build_tiny_sd2(seed=0, linear_projections=linear_projections)
         with torch.no_grad():  # a real checkpoint's ln_final has a bias: keep the emphasis step's mean off 0
@@ -63,7 +63,7 @@ class SD2Model(nn.Module):
         self.model = nn.Module()
         self.model.diffusion_model = tiny.unet
         self.model.conditioning_key = "crossattn"
-        self.cond_stage_model = OpenCLIPCondStageModel(FrozenOpenCLIPEmbedder(tiny.text_encoder), opts)
+        self.cond_stage_model = OpenCLIPCondStageModel(FrozenOpenCLIPEmbedder(tiny.text_encoder))
         self.first_stage_model = tiny.vae
         self.alphas_cumprod_original = sd1_alphas_cumprod()
         self.parameterization = parameterization
@@ -130,5 +130,5 @@ class SD2Model(nn.Module):
 
 def make_sd2_webui(lora_dir: Path, parameterization: str = "v", linear_projections: bool = True):
     webui = make_webui(lora_dir)
-    webui.shared.sd_model = SD2Model(webui.shared.opts, parameterization, linear_projections)
+    webui.shared.sd_model = SD2Model(parameterization, linear_projections)
     return webui
