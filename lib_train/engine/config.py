@@ -108,6 +108,10 @@ class TrainConfig:
     loraplus_unet_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
     loraplus_text_encoder_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
 
+    # Regularization (kohya's reg folder: `<N>_<class>` subfolders of class pictures, see dataset/regularization.py)
+    reg_dir: str = ""  # "": none
+    prior_loss_weight: float = 1.0  # multiplies each regularization picture's loss (kohya's --prior_loss_weight)
+
     # Saving
     save_every_n_epochs: int = 1  # 0: only the final file
     save_precision: str = "fp16"
@@ -157,6 +161,9 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISIONS,
              f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
         self._validate_loss_and_noise(need)
+        need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+             f"Prior-loss weight must be 0 or more (got {self.prior_loss_weight}); 1 weighs a class picture like a "
+             "training picture.")
         need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
@@ -263,6 +270,7 @@ class TrainConfig:
             caption_tag_dropout_rate=self.caption_tag_dropout_rate,
             masked_loss=self.masked_loss,
             seed=self.seed,
+            prior_loss_weight=self.prior_loss_weight,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,7 +311,7 @@ class TrainConfig:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
         # Relative folders in a config file are relative to the file, not to the working directory.
-        for key in ("train_dir", "output_dir"):
+        for key in ("train_dir", "output_dir", "reg_dir"):
             if key in values and values[key] and not Path(values[key]).is_absolute():
                 values[key] = str((path.parent / values[key]).resolve())
         return cls.from_dict(values)

@@ -54,6 +54,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
         session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,
         num_batches_per_epoch=data.num_batches_per_epoch, max_train_steps=result.total_steps,
         dataset_dirs=data.dataset_dirs(), tag_frequency=data.tag_frequency(), bucket_info=data.bucket_info(),
+        num_reg_images=data.num_reg_images, reg_dataset_dirs=data.reg_dataset_dirs(),
     )
 
     run = None
