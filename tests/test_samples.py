@@ -214,3 +214,11 @@ def test_rendering_leaves_every_generator_mode_and_multiplier_as_training_had_th
         assert tiny_host.unet.training and torch.is_grad_enabled()
         assert all(module.multiplier == 1.0 for module in run.network.modules_in_order())
         assert [image.path.name for image in samples.images] == ["e001_s000001_00.png", "e001_s000001_01.png"]
+
+
+def test_the_tab_writes_the_prompts_a_run_would_make(tmp_path):
+    webui, jobs = live_webui(tmp_path)
+    text = jobs.suggested_sample_prompts(str(tmp_path / "pictures"), "ttconcept", 2)
+    assert text.splitlines() == ["ttconcept, red circle, grey 0, grey 1, grey 2, grey 3"] * 2
+    with pytest.raises(ConfigError, match="Choose the training folder first"):
+        jobs.suggested_sample_prompts("", "ttconcept", 2)

@@ -27,6 +27,7 @@ from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
 from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
+from ..engine.sample_prompts import folder_tag_counts, made_prompts
 from ..engine.samples import TrainingSamples
 from ..engine.save import OutputPlan
 from ..engine.train import prepare_caches, train_lora
@@ -257,6 +258,12 @@ class TrainingJobs:
         job.sample_prompts = [prompt.as_line() for prompt in samples.prompts]
         job.samples_folder = str(folder)
         return samples
+
+    def suggested_sample_prompts(self, train_dir: str, trigger_words: str, count: int) -> str:
+        """The prompt lines a run makes when none are written: the trigger words with the frequent tags."""
+        folder = self._checked_folder(train_dir)
+        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, int(count))))
+        return "\n".join(prompt.as_line() for prompt in prompts)
 
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
         host = self._host(job, config)
