@@ -37,12 +37,15 @@ class WebUISampleRenderer:
         # The WebUI caches conditioning by prompt text; the text encoder's Lora has learned since (or its
         # multiplier changed), so every sample is encoded afresh, and nothing of it is left for the user's next one.
         self.host.clear_conditioning_caches()
+        state = self.webui.shared.state
+        job_title = state.job  # txt2img names its batch there; the training's job keeps its name
         try:
             with self._text_encoders_on_device():
                 images, infotexts = _txt2img(self.webui, prompt.prompt, prompt.negative_prompt, prompt.seed,
                                              prompt.sampler, prompt.steps, prompt.cfg_scale, prompt.width,
                                              prompt.height)
         finally:
+            state.job = job_title
             self.host.clear_conditioning_caches()
         if not images or self.host.should_stop():
             return None
@@ -51,8 +54,9 @@ class WebUISampleRenderer:
     @contextmanager
     def _text_encoders_on_device(self) -> Iterator[None]:
         """Text encoders parked in RAM for the run (cached captions) come to the GPU for the sample's prompt."""
-        parked = [encoder.module for encoder in self.host.text_encoders
-                  if not self.host.medvram and next(encoder.module.parameters()).device != self.host.device]
+        # By device type: the WebUI's device is "cuda", a parameter's "cuda:0".
+        parked = [encoder.module for encoder in self.host.text_encoders if not self.host.medvram
+                  and self.host.device.type != "cpu" and next(encoder.module.parameters()).device.type == "cpu"]
         for module in parked:
             module.to(self.host.device)
         try:
