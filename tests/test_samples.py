@@ -222,3 +222,15 @@ def test_the_tab_writes_the_prompts_a_run_would_make(tmp_path):
     assert text.splitlines() == ["ttconcept, red circle, grey 0, grey 1, grey 2, grey 3"] * 2
     with pytest.raises(ConfigError, match="Choose the training folder first"):
         jobs.suggested_sample_prompts("", "ttconcept", 2)
+
+
+def test_bad_sample_and_regularization_settings_are_refused_before_the_run(tmp_path):
+    webui, jobs = live_webui(tmp_path)
+    with pytest.raises(ConfigError, match="Sample prompt line 2: --w needs a multiple of 8"):
+        jobs.prepare(values(tmp_path, sample_every_n_epochs=1, sample_prompts="ok\nbad --w 12"))
+    assert jobs.prepare(values(tmp_path, sample_prompts="kept for later --w 12")).sample_every_n_epochs == 0
+    for settings, message in ((dict(prior_loss_weight=-1), "Prior-loss weight must be 0 or more"),
+                              (dict(sample_every_n_steps=-2), "cannot be negative"),
+                              (dict(sample_steps=0), "Sample steps must be between 1 and 1000")):
+        with pytest.raises(ConfigError, match=message):
+            jobs.prepare(values(tmp_path, **settings))

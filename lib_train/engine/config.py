@@ -202,7 +202,8 @@ class TrainConfig:
         need(1 <= self.sample_steps <= 1000, f"Sample steps must be between 1 and 1000 (got {self.sample_steps}).")
         need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
              f"Sample CFG scale must be 0 or more (got {self.sample_cfg_scale}).")
-        parse_sample_prompts(self.sample_prompts)  # raises ConfigError naming the line
+        if self.sample_every_n_epochs or self.sample_every_n_steps:  # lines kept while samples are off may wait
+            parse_sample_prompts(self.sample_prompts)  # raises ConfigError naming the line
 
     def loraplus_ratios(self) -> tuple[float, float]:
         """(UNet, text encoder) LoRA+ ratios, 0 for off: the part's own ratio, else the common one (kohya's rule)."""

@@ -61,9 +61,9 @@ class TrainingSamples:
     total_epochs: int
     every_n_epochs: int = 0
     every_n_steps: int = 0
-    images: list[SampleImage] = field(default_factory=list)
-    failure: str = ""  # the error that ended sampling; the training went on without samples
-    _last_step: int = -1
+    images: list[SampleImage] = field(default_factory=list, init=False)
+    failure: str = field(default="", init=False)  # the error that ended sampling; the training went on without samples
+    _last_step: int = field(default=-1, init=False, repr=False)
 
     @classmethod
     def for_config(cls, config: "TrainConfig", renderer: SampleRenderer, folder: Path) -> "TrainingSamples":
