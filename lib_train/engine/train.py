@@ -1,6 +1,6 @@
 """The LoRA training loop. Reads top to bottom: plan outputs, load data, set up (latents, LoRA, optimizer; see
-``steps.py``, shared with the learning-rate finder), train epoch by epoch, save. The host model is left exactly
-as it was, whatever happens."""
+``steps.py``, shared with the learning-rate finder), train epoch by epoch, save, render the samples the caller
+asked for (``samples.py``). The host model is left exactly as it was, whatever happens."""
 
 from __future__ import annotations
 
