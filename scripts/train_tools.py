@@ -157,6 +157,28 @@ def on_app_started(demo, app) -> None:
         return {"final": str(result.final_path), "epoch": result.chosen.epoch, "weight": result.weight,
                 "preview": str(result.preview_path), "deleted": [str(p) for p in result.deleted]}
 
+    @app.post("/train-tools/v1/class-pictures", dependencies=dependencies)
+    def start_class_pictures(settings: dict = Body(...)):
+        """Make class pictures for a regularization folder with the loaded model: class_prompt, count, folder (or
+        name: the project's regularization/), seed (-1: drawn), negative_prompt, width, height, steps, cfg_scale,
+        sampler, repeats. They go to <folder>/<repeats>_<class_prompt>; the status then has reg_folder."""
+        runner = jobs()
+        try:
+            job = runner.class_pictures_in_background(runner.prepare_class_pictures(settings))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return job.to_dict()
+
+    @app.post("/train-tools/v1/sample-prompts", dependencies=dependencies)
+    def sample_prompts(body: dict = Body(...)):
+        """The sample prompt lines a run makes when none are written: {train_dir, trigger_words, sample_count}."""
+        try:
+            text = jobs().suggested_sample_prompts(str(body.get("train_dir", "")), str(body.get("trigger_words", "")),
+                                                   int(body.get("sample_count", 2)))
+        except (TrainToolsError, ValueError) as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return {"sample_prompts": text}
+
     @app.get("/train-tools/v1/status", dependencies=dependencies)
     def training_status():
         job = jobs().current

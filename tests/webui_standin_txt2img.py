@@ -1,6 +1,7 @@
 """A small txt2img with the WebUI's shapes, for the stand-in WebUI: prompt_parser's conditioning objects and
-dedup, the class-level conditioning cache, ``get_conds_with_caching``, per-sample seeds, an Euler sampler with
-classifier-free guidance that calls the UNet on cond and uncond rows together, the VAE decode one sample at a
+dedup, the class-level conditioning cache, ``get_conds_with_caching``, per-sample seeds drawn as the WebUI draws
+them (the global generator, reseeded), an Euler sampler (and Euler a, whose noise comes from the global
+generator) with classifier-free guidance that calls the UNet on cond and uncond rows together, the VAE decode one sample at a
 time, and the WebUI's NaN checks (on the first element of the UNet's output, and of each decoded sample).
 
 The model is the real tiny SD1; only the WebUI's plumbing is imitated. The grid code must work through this
@@ -102,6 +103,12 @@ def _sigmas(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tensor, tor
     return torch.cat([all_sigmas[timesteps], torch.zeros(1)]), timesteps
 
 
+def _randn(seed: int, shape: tuple) -> torch.Tensor:
+    """As the WebUI's rng.randn: the global generator, reseeded (which is why training must keep its own state)."""
+    torch.manual_seed(seed)
+    return torch.randn(shape)
+
+
 def process_images(p, state) -> SimpleNamespace:
     p.prompts = [p.prompt] * p.batch_size
     p.negative_prompts = [p.negative_prompt] * p.batch_size
@@ -113,7 +120,8 @@ def process_images(p, state) -> SimpleNamespace:
         uncond = torch.stack([p.uc[i][0].cond for i in range(p.batch_size)])
         sigmas, timesteps = _sigmas(model.alphas_cumprod_original, p.steps)
         latent_shape = (4, p.height // 8, p.width // 8)
-        x = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]) * sigmas[0]
+        x = torch.stack([_randn(s, latent_shape) for s in seeds]) * sigmas[0]
+        ancestral = p.sampler_name.endswith(" a")
         for i in range(p.steps):
             if state.interrupted:
                 break
@@ -124,7 +132,12 @@ def process_images(p, state) -> SimpleNamespace:
             test_for_nans(output, "Unet")
             eps_cond, eps_uncond = output.chunk(2)
             eps = eps_uncond + p.cfg_scale * (eps_cond - eps_uncond)
-            x = x + eps * (sigmas[i + 1] - sigmas[i])
+            if ancestral:  # k-diffusion's Euler ancestral: a step down, then fresh noise from the global generator
+                up = torch.minimum(sigmas[i + 1], (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2).sqrt())
+                down = (sigmas[i + 1] ** 2 - up ** 2).sqrt()
+                x = x + eps * (down - sigmas[i]) + torch.randn_like(x) * up
+            else:
+                x = x + eps * (sigmas[i + 1] - sigmas[i])
         decoded = [model.first_stage_model.decode(sample[None] / VAE_SCALE_FACTOR)[0] for sample in x]
         for sample in decoded:
             test_for_nans(sample, "VAE")

@@ -3,9 +3,13 @@ writes that are never seen half done and never replace a file unasked."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import OutputError
 
@@ -50,3 +54,12 @@ def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """PNG with the infotext under "parameters", where the WebUI's PNG Info tab reads it."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -2,7 +2,8 @@
 
 ``originals/`` holds untouched copies of everything imported, ``pictures/`` the prepared images and their
 ``.txt`` captions (the training folder, the only place captions are edited), ``grids/`` the preview grids,
-``cache/`` the latents and caption embeddings kept between trainings.
+``cache/`` the latents and caption embeddings kept between trainings, ``samples/`` the pictures rendered during
+trainings (a folder per run), ``regularization/`` the class pictures made for it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class ProjectFolders:
     @property
     def grids(self) -> Path:
         return self.root / "grids"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def regularization(self) -> Path:
+        return self.root / "regularization"
 
     @property
     def caption_history(self) -> Path:

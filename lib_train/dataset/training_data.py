@@ -31,6 +31,7 @@ from .captions import find_caption, process_caption, read_caption, split_tags
 from .image_clean import open_alpha, open_clean
 from .latent_cache import LatentCache
 from .loss_masks import latent_mask
+from .regularization import balanced_repeats, regularization_dirs
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 
@@ -46,6 +47,7 @@ class ImageRecord:
     repeats: int
     folder: str  # basename of the image's folder, the key of kohya's dataset metadata
     size: Size  # (width, height) after the EXIF orientation is applied
+    is_reg: bool = False  # a regularization (class) picture: its loss counts times the prior-loss weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,18 +91,18 @@ def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRe
     return scan.records
 
 
-def survey_training_folder(root: str | Path, default_repeats: int) -> FolderScan:
+def survey_training_folder(root: str | Path, default_repeats: int, kind: str = "Training folder") -> FolderScan:
     """The usable training images and the files that cannot be used, nothing modified.
 
     Either `<N>_<name>` subfolders (N repeats each, caption fallback `name`) or images directly in
     `root` (default_repeats, caption fallback ""). Every image is decoded once here, so damaged
-    files are reported together before any model work starts.
+    files are reported together before any model work starts. ``kind`` names the folder in messages.
     """
     root = Path(root).resolve()
     if not root.exists():
-        raise DatasetError(f"Training folder not found: {root}")
+        raise DatasetError(f"{kind} not found: {root}")
     if not root.is_dir():
-        raise DatasetError(f"Training folder {root} is not a folder.")
+        raise DatasetError(f"{kind} {root} is not a folder.")
 
     root_images = images_in(root)
     groups: list[tuple[Path, int, str, list[Path]]] = []  # (folder, repeats, class token, images)
@@ -123,7 +125,7 @@ def survey_training_folder(root: str | Path, default_repeats: int) -> FolderScan
 
     if root_images and groups:
         raise DatasetError(
-            f"Training folder {root} has images both directly inside it and in '<N>_<name>' subfolders "
+            f"{kind} {root} has images both directly inside it and in '<N>_<name>' subfolders "
             f"({', '.join(g[0].name for g in groups)}). Move the loose images into a subfolder, or the "
             f"subfolders' images up into the folder."
         )
@@ -175,6 +177,7 @@ class Batch:
     records: list[ImageRecord]
     sizes: list[SizeCondition]  # what SDXL is told about each picture's size and crop
     masks: torch.Tensor | None = None  # (B, 1, h, w) in [0, 1] from the alpha channel, with masked loss
+    loss_weights: torch.Tensor | None = None  # (B,): the prior-loss weight for regularization pictures, else 1
 
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -201,8 +204,14 @@ class TrainingData:
         seed: int,
         caption_tag_dropout_rate: float = 0.0,
         masked_loss: bool = False,
+        prior_loss_weight: float = 1.0,
     ) -> None:
-        self.records = list(records)
+        train = [record for record in records if not record.is_reg]
+        reg = [record for record in records if record.is_reg]
+        self._reg_dirs = regularization_dirs(reg)
+        self.num_reg_images = sum(record.repeats for record in reg)  # kohya's count, before balancing
+        self.records = train + balanced_repeats(sum(record.repeats for record in train), reg)
+        self.prior_loss_weight = prior_loss_weight
         self.flip_aug = flip_aug
         self.batch_size = batch_size
         self.shuffle_caption = shuffle_caption
@@ -248,8 +257,8 @@ class TrainingData:
 
     @property
     def num_train_images(self) -> int:
-        """Images per epoch, repeats included (kohya's `ss_num_train_images`)."""
-        return sum(record.repeats for record in self.records)
+        """Training images per epoch, repeats included, regularization pictures not (kohya's `ss_num_train_images`)."""
+        return sum(record.repeats for record in self.records if not record.is_reg)
 
     @property
     def num_batches_per_epoch(self) -> int:
@@ -379,8 +388,15 @@ class TrainingData:
                     tag_dropout_rate=self.caption_tag_dropout_rate,
                 )
             )
-        return Batch(torch.stack(chosen), captions, [self.records[i] for i in indices], sizes,
-                     torch.stack(masks) if masks else None)
+        records = [self.records[i] for i in indices]
+        return Batch(torch.stack(chosen), captions, records, sizes, torch.stack(masks) if masks else None,
+                     self._loss_weights(records))
+
+    def _loss_weights(self, records: list[ImageRecord]) -> torch.Tensor | None:
+        """None without regularization pictures, so a run without them computes exactly as before."""
+        if not self._reg_dirs:
+            return None
+        return torch.tensor([self.prior_loss_weight if record.is_reg else 1.0 for record in records])
 
     def size_condition(self, index: int, mirrored: bool = False) -> SizeCondition:
         """As kohya conditions SDXL: the picture's size, where the centre crop starts in the resized picture
@@ -398,9 +414,15 @@ class TrainingData:
         """`ss_dataset_dirs`: {folder: {"n_repeats", "img_count"}}, img_count without repeats."""
         dirs: dict[str, dict[str, int]] = {}
         for record in self.records:
+            if record.is_reg:
+                continue
             entry = dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
             entry["img_count"] += 1
         return dirs
+
+    def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """`ss_reg_dataset_dirs`, the same shape for the regularization folders (their own repeat counts)."""
+        return dict(self._reg_dirs)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """`ss_tag_frequency`: {folder: {lower-cased tag: occurrences}}, counted once per image, not per repeat."""

@@ -19,6 +19,7 @@ from ..hosts.protocol import PredictionType
 from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
 from .noise import Noising
 from .network_spec import LABELS
+from .sample_prompts import parse_sample_prompts
 
 from .lr_schedule import SCHEDULERS, warmup_steps
 from .optim import OPTIMIZER_KINDS, optimizer_arguments, optimizer_kind
@@ -108,6 +109,19 @@ class TrainConfig:
     loraplus_unet_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
     loraplus_text_encoder_lr_ratio: float = 0.0  # 0: loraplus_lr_ratio
 
+    # Regularization (kohya's reg folder: `<N>_<class>` subfolders of class pictures, see dataset/regularization.py)
+    reg_dir: str = ""  # "": none
+    prior_loss_weight: float = 1.0  # multiplies each regularization picture's loss (kohya's --prior_loss_weight)
+
+    # Samples during training (rendered by the host's sampler: the WebUI's txt2img; see engine/samples.py)
+    sample_every_n_epochs: int = 0  # 0: off (the WebUI turns it on on a GPU)
+    sample_every_n_steps: int = 0  # 0: off
+    sample_prompts: str = ""  # kohya's prompt lines (--n --w --h --d --s --l --ss, and --m Lora multiplier); "": made
+    sample_count: int = 2  # prompts made from the trigger words and the most frequent tags when none are given
+    sample_sampler: str = "Euler a"
+    sample_steps: int = 20
+    sample_cfg_scale: float = 7.0
+
     # Saving
     save_every_n_epochs: int = 1  # 0: only the final file
     save_precision: str = "fp16"
@@ -157,6 +171,7 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISIONS,
              f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
         self._validate_loss_and_noise(need)
+        self._validate_regularization_and_samples(need)
         need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
@@ -176,6 +191,19 @@ class TrainConfig:
         for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), ("LoRA+ UNet ratio", self.loraplus_unet_lr_ratio),
                              ("LoRA+ text encoder ratio", self.loraplus_text_encoder_lr_ratio)):
             need(math.isfinite(ratio) and ratio >= 0, f"{label} cannot be negative (0 turns it off; got {ratio}).")
+
+    def _validate_regularization_and_samples(self, need) -> None:
+        need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+             f"Prior-loss weight must be 0 or more (got {self.prior_loss_weight}); 1 weighs a class picture like a "
+             "training picture.")
+        need(self.sample_every_n_epochs >= 0 and self.sample_every_n_steps >= 0,
+             "Sample every N epochs / steps cannot be negative (0 turns it off).")
+        need(1 <= self.sample_count <= 16, f"Sample prompts to make must be between 1 and 16 (got {self.sample_count}).")
+        need(1 <= self.sample_steps <= 1000, f"Sample steps must be between 1 and 1000 (got {self.sample_steps}).")
+        need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
+             f"Sample CFG scale must be 0 or more (got {self.sample_cfg_scale}).")
+        if self.sample_every_n_epochs or self.sample_every_n_steps:  # lines kept while samples are off may wait
+            parse_sample_prompts(self.sample_prompts)  # raises ConfigError naming the line
 
     def loraplus_ratios(self) -> tuple[float, float]:
         """(UNet, text encoder) LoRA+ ratios, 0 for off: the part's own ratio, else the common one (kohya's rule)."""
@@ -263,6 +291,7 @@ class TrainConfig:
             caption_tag_dropout_rate=self.caption_tag_dropout_rate,
             masked_loss=self.masked_loss,
             seed=self.seed,
+            prior_loss_weight=self.prior_loss_weight,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,7 +332,7 @@ class TrainConfig:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
         # Relative folders in a config file are relative to the file, not to the working directory.
-        for key in ("train_dir", "output_dir"):
+        for key in ("train_dir", "output_dir", "reg_dir"):
             if key in values and values[key] and not Path(values[key]).is_absolute():
                 values[key] = str((path.parent / values[key]).resolve())
         return cls.from_dict(values)

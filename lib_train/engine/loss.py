@@ -105,9 +105,10 @@ class Objective:
     debiased_estimation: bool = False
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``mask``: (B, 1, h, w) in [0, 1] at latent size; masked-out elements count as 0 in the mean over all
-        elements, as kohya's masked loss does."""
+        elements, as kohya's masked loss does. ``sample_weights`` (B,): kohya's loss weights (the prior-loss weight
+        of regularization pictures), applied to each sample's mean; the batch mean still counts every sample."""
         thresholds = (None if self.loss_type == "l2" else
                       huber_thresholds(self.huber_schedule, self.huber_c, self.huber_scale, self.alphas_cumprod,
                                        timesteps))
@@ -115,6 +116,8 @@ class Objective:
         if mask is not None:
             loss = loss * mask
         per_sample = loss.mean(dim=(1, 2, 3))
+        if sample_weights is not None:
+            per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
         if self.min_snr_gamma > 0:
             per_sample = per_sample * min_snr_weights(self.alphas_cumprod, timesteps, self.min_snr_gamma,
                                                       self.prediction_type)

@@ -37,6 +37,8 @@ class RunFacts:
     dataset_dirs: dict
     tag_frequency: dict
     bucket_info: dict
+    num_reg_images: int = 0  # regularization pictures with their folders' repeats (kohya's count)
+    reg_dataset_dirs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -92,7 +94,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_caption_dropout_every_n_epochs": 0,
         "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate,
         "ss_face_crop_aug_range": None,
-        "ss_prior_loss_weight": 1.0,
+        "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_min_snr_gamma": config.min_snr_gamma or None,
         "ss_scale_weight_norms": None,
         "ss_ip_noise_gamma": config.ip_noise_gamma or None,
@@ -125,9 +127,9 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_shuffle_caption": config.shuffle_caption,
         "ss_keep_tokens": config.keep_tokens,
         "ss_num_train_images": facts.num_train_images,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": facts.num_reg_images,
         "ss_dataset_dirs": facts.dataset_dirs,
-        "ss_reg_dataset_dirs": {},
+        "ss_reg_dataset_dirs": facts.reg_dataset_dirs,
         "ss_tag_frequency": facts.tag_frequency,
         "ss_bucket_info": json.dumps(facts.bucket_info) if config.enable_buckets else "null",  # as sd-scripts
     }

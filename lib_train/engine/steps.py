@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..common.errors import ConfigError, DatasetError, TrainingDiverged
 from ..common.tensor_store import CacheFolder, CacheReport
 from ..dataset.latent_cache import LatentCache
+from ..dataset.regularization import REG_FOLDER_KIND, as_regularization, check_separate_folders
 from ..dataset.training_data import FolderScan, TrainingData, survey_training_folder
 from ..hosts.protocol import PredictionType, Progress, TrainingHost
 from .config import TrainConfig
@@ -75,8 +76,13 @@ def check_run(host: TrainingHost, config: TrainConfig) -> torch.dtype | None:
 
 
 def usable_pictures(config: TrainConfig) -> FolderScan:
-    """The training folder's pictures. Unusable ones stop the run, listed, unless the user chose to skip them."""
+    """The training folder's pictures, then the regularization folder's (marked). Unusable ones stop the run,
+    listed, unless the user chose to skip them."""
     scan = survey_training_folder(config.train_dir, config.repeats)
+    if config.reg_dir.strip():
+        check_separate_folders(config.reg_dir, config.train_dir)
+        reg = as_regularization(survey_training_folder(config.reg_dir, 1, kind=REG_FOLDER_KIND))
+        scan = FolderScan(scan.records + reg.records, scan.unusable + reg.unusable)
     if scan.unusable and not scan.records:
         raise DatasetError(scan.unusable_report() + "\nNo picture of the folder can be used.")
     if scan.unusable and not config.skip_unusable_files:
@@ -149,7 +155,7 @@ def epoch_steps(host: TrainingHost, config: TrainConfig, run: Run, data: Trainin
             noisy, noise, timesteps = run.noising.sample(batch.latents, run.generator)
             prediction = host.predict(noisy, timesteps, cond)
         target = training_target(host.prediction_type, batch.latents, noise, run.alphas_cumprod, timesteps)
-        loss = run.objective(prediction, target, timesteps, batch.masks)
+        loss = run.objective(prediction, target, timesteps, batch.masks, batch.loss_weights)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(

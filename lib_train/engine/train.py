@@ -1,6 +1,6 @@
 """The LoRA training loop. Reads top to bottom: plan outputs, load data, set up (latents, LoRA, optimizer; see
-``steps.py``, shared with the learning-rate finder), train epoch by epoch, save. The host model is left exactly
-as it was, whatever happens."""
+``steps.py``, shared with the learning-rate finder), train epoch by epoch, save, render the samples the caller
+asked for (``samples.py``). The host model is left exactly as it was, whatever happens."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import frozen
 from .network import LoRANetwork
 from .optim import evaluation_weights
+from .samples import TrainingSamples
 from .save import SAVE_DTYPES, OutputPlan, write_lora, write_sidecar
 from .steps import StopRequested, cache_latents, caption_conditioning, check_run, epoch_steps, start_run, usable_pictures
 
@@ -35,9 +36,11 @@ class TrainResult:
     cache: CacheReport = field(default_factory=CacheReport)  # what came from the cache folder, if one was given
 
 
-def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None = None) -> TrainResult:
+def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None = None,
+               samples: TrainingSamples | None = None) -> TrainResult:
     """Train a LoRA on the host's model; with ``cache``, latents and caption embeddings are kept there between
-    runs (the result is bit-identical with or without it)."""
+    runs (the result is bit-identical with or without it); with ``samples``, sample pictures are rendered on
+    their schedule (the result is bit-identical with or without them)."""
     started = time.time()
     config.validate()
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite)
@@ -54,6 +57,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
         session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,
         num_batches_per_epoch=data.num_batches_per_epoch, max_train_steps=result.total_steps,
         dataset_dirs=data.dataset_dirs(), tag_frequency=data.tag_frequency(), bucket_info=data.bucket_info(),
+        num_reg_images=data.num_reg_images, reg_dataset_dirs=data.reg_dataset_dirs(),
     )
 
     run = None
@@ -69,9 +73,13 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                     result.step_seconds.append(step.seconds)
                     host.report(Progress("training", result.steps, result.total_steps, epoch, config.epochs,
                                          loss=step.loss, learning_rate=step.learning_rate))
+                    if samples is not None:
+                        samples.after_step(host, run, epoch, result.steps, result.total_steps)
                 if plan.saves_after_epoch(epoch):
                     with evaluation_weights(run.optimizers):  # schedule-free: the averaged weights are the model
                         _save_epoch(host, config, plan, facts, run.network, epoch, result)
+                if samples is not None:
+                    samples.after_epoch(host, run, epoch, result.steps, result.total_steps)
         except StopRequested:
             result.stopped = True
         finally:

@@ -3,17 +3,13 @@ the labelled grid and an index that maps a click on the grid back to its epoch f
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-
-from ..common.files import write_atomically
+from ..common.files import png_bytes, write_atomically
 from ..engine.network import LoRANetwork
 from ..preview.grid_image import GridLayout, compose_grid, label_font_size
 from ..preview.grid_spec import EpochFile, GridSpec
@@ -66,7 +62,7 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
     for (ix, iy, iz), cell in sorted(cells.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
         row, z = request.rows[iy], z_values[iz]
         path = out / "cells" / f"{row.path.stem}_w{spec.weights[ix]:g}_seed{z.seed}_cfg{z.cfg_scale:g}.png"
-        write_atomically(path, _png_bytes(cell.image, cell.infotext), overwrite=False)
+        write_atomically(path, png_bytes(cell.image, cell.infotext), overwrite=False)
         cell_paths.append(path)
         entries.append({"ix": ix, "iy": iy, "iz": iz, "file": str(row.path), "epoch": row.epoch,
                         "is_final": row.is_final, "weight": spec.weights[ix], "seed": z.seed,
@@ -77,7 +73,7 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
     font = images.get_font(label_font_size(spec.width, spec.height)) if images is not None else None
     composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels, font)
     grid_path = out / "grid.png"
-    write_atomically(grid_path, _png_bytes(composed.image, f"Train Tools preview grid of {request.name}"), overwrite=False)
+    write_atomically(grid_path, png_bytes(composed.image, f"Train Tools preview grid of {request.name}"), overwrite=False)
     index = {"name": request.name, "layout": composed.layout.to_dict(), "cells": entries,
              "complete": len(cells) == len(spec.weights) * len(request.rows) * len(z_values)}
     write_atomically(out / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8"), overwrite=False)
@@ -104,12 +100,3 @@ def cell_at(grid_folder: Path, x: float, y: float) -> PickedCell | None:
             return PickedCell(Path(entry["file"]), entry["epoch"], entry["is_final"], entry["weight"],
                               grid_folder / "cells" / entry["picture"])
     return None  # a cell the grid never rendered (stopped early)
-
-
-def _png_bytes(image: Image.Image, parameters: str) -> bytes:
-    """PNG with the infotext under "parameters", where the WebUI's PNG Info tab reads it."""
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()

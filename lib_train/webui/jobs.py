@@ -27,6 +27,8 @@ from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
 from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
+from ..engine.sample_prompts import folder_tag_counts, made_prompts
+from ..engine.samples import TrainingSamples
 from ..engine.save import OutputPlan
 from ..engine.train import prepare_caches, train_lora
 from ..hosts.protocol import ModelFamily, PredictionType, Progress
@@ -35,6 +37,7 @@ from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, par
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model, lora_family
 from .host import WebUI, WebUIHost, model_family, text_path_clip_skip, webui_host
+from .sample_render import ClassPicturesRequest, WebUISampleRenderer, generate_class_pictures
 
 from .path_policy import confine
 
@@ -42,7 +45,7 @@ from .path_policy import confine
 @dataclass
 class JobStatus:
     id: str
-    kind: str = "train"  # train, prepare (fill the cache), find-lr (the learning-rate finder) or grid
+    kind: str = "train"  # train, prepare (fill the cache), find-lr (the learning-rate finder), grid or class-pictures
     state: str = "queued"  # queued, running, done, stopped, failed
     phase: str = ""
     message: str = ""
@@ -61,6 +64,11 @@ class JobStatus:
     first_step_seconds: float | None = None  # that first step alone, once the job has ended
     learning_rates: dict = field(default_factory=dict)  # find-lr: the rates to train with ("unet", "text_encoder")
     lr_history: list[tuple[int, dict]] = field(default_factory=list)  # find-lr: (step, that estimate) per step
+    sample_prompts: list[str] = field(default_factory=list)  # train: the samples' prompt lines, all fields resolved
+    samples: list[dict] = field(default_factory=list)  # train: {"epoch", "step", "index", "file"} per sample picture
+    samples_folder: str = ""
+    sample_error: str = ""  # why samples stopped (the training went on)
+    reg_folder: str = ""  # class-pictures: the regularization folder to train with
     started_at: float = 0.0
     finished_at: float = 0.0
 
@@ -106,7 +114,9 @@ class TrainingJobs:
             family = None
         on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
         prediction = PredictionType.V if getattr(sd_model, "parameterization", "eps") == "v" else PredictionType.EPSILON
-        return family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None, prediction)
+        overrides = family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None, prediction)
+        # Samples cost seconds on a GPU and minutes on the CPU: on by default where they are cheap.
+        return {**overrides, "sample_every_n_epochs": 1} if on_cuda else overrides
 
     def prepare(self, values: dict) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
@@ -123,6 +133,10 @@ class TrainingJobs:
         if self.folders.exposed:
             train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
         values["train_dir"] = train_dir
+        reg_dir = str(values.get("reg_dir", "") or "").strip()
+        if reg_dir and self.folders.exposed:
+            reg_dir = str(confine(reg_dir, [self.folders.data_dir, self.folders.projects_dir], "regularization folder"))
+        values["reg_dir"] = reg_dir
         # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
         values["clip_skip"] = text_path_clip_skip(self.webui)
         config = TrainConfig.from_dict(values).validate()
@@ -180,7 +194,7 @@ class TrainingJobs:
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
                 what = {"grid": "A preview grid", "prepare": "A preparation for training",
-                        "find-lr": "A learning-rate search"}.get(self.current.kind, "A training")
+                        "find-lr": "A learning-rate search", "class-pictures": "A class-pictures job"}.get(self.current.kind, "A training")
                 raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
@@ -191,7 +205,9 @@ class TrainingJobs:
 
         def work() -> None:
             host = self._training_host(job, config)
-            result = self._on_live_model(job, host, lambda: train_lora(host, config, self.cache_folder(config.train_dir)))
+            samples = self._samples(job, config, host)
+            result = self._on_live_model(job, host, lambda: train_lora(host, config, self.cache_folder(config.train_dir),
+                                                                       samples))
             job.state = "stopped" if result.stopped else "done"
             job.skipped_files = result.skipped_files
             job.cache = asdict(result.cache)
@@ -234,6 +250,22 @@ class TrainingJobs:
             job.message = finding.summary()
 
         return self._guarded(job, "Train Tools learning-rate finder", work)
+
+    def _samples(self, job: JobStatus, config: TrainConfig, host: WebUIHost) -> TrainingSamples | None:
+        """The run's samples through the WebUI's txt2img, in a new folder under the project's samples/."""
+        if not (config.sample_every_n_epochs or config.sample_every_n_steps):
+            return None
+        folder = new_grid_folder(ProjectFolders.for_name(self.folders.projects_dir, config.name).samples)
+        samples = TrainingSamples.for_config(config, WebUISampleRenderer(self.webui, host), folder)
+        job.sample_prompts = [prompt.as_line() for prompt in samples.prompts]
+        job.samples_folder = str(folder)
+        return samples
+
+    def suggested_sample_prompts(self, train_dir: str, trigger_words: str, count: int) -> str:
+        """The prompt lines a run makes when none are written: the trigger words with the frequent tags."""
+        folder = self._checked_folder(train_dir)
+        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, int(count))))
+        return "\n".join(prompt.as_line() for prompt in prompts)
 
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
         host = self._host(job, config)
@@ -289,6 +321,45 @@ class TrainingJobs:
                            f"Stopped: {len(result.cell_paths)} pictures rendered.")
 
         return self._guarded(job, "Train Tools preview", work)
+
+    def prepare_class_pictures(self, values: dict) -> ClassPicturesRequest:
+        """A class-pictures request from the tab or the API: ``folder`` (default: the project's regularization/),
+        class_prompt, count, seed (-1: drawn), negative_prompt, width/height (default: the family's resolution),
+        steps, cfg_scale, sampler, repeats."""
+        folder = str(values.get("folder", "") or "").strip()
+        if not folder:
+            if not str(values.get("name", "")).strip():
+                raise ConfigError("Choose the folder for the class pictures, or give the project's name to use its "
+                                  "regularization folder.")
+            folder = str(ProjectFolders.for_name(self.folders.projects_dir, str(values["name"])).regularization)
+        if self.folders.exposed:
+            folder = str(confine(folder, [self.folders.data_dir, self.folders.projects_dir], "regularization folder"))
+        resolution = self.family_defaults(self.webui.shared.sd_model).get("resolution", TrainConfig.resolution)
+        return ClassPicturesRequest.from_values(values, Path(folder), resolution)
+
+    def run_class_pictures(self, job: JobStatus, request: ClassPicturesRequest) -> JobStatus:
+        """Render class pictures with the live model's txt2img. The caller holds the queue lock and has begun
+        ``shared.state``."""
+
+        def work() -> None:
+            job.kind = "class-pictures"
+            host = webui_host(self.webui, stop_requested=self._stop.is_set)
+            host.unmerge_builtin_lora()  # the checkpoint's own pictures, not a Lora left merged by the last prompt
+            result = generate_class_pictures(self.webui, host, request,
+                                             lambda done, total, text: self._track_grid(job, done, total, text, ""))
+            job.reg_folder = str(result.folder)
+            job.saved_files = [str(path) for path in result.paths]
+            job.state = "done" if result.complete else "stopped"
+            job.message = (f"{len(result.paths)} class pictures in {request.subfolder} (seeds from {request.seed}); "
+                           f"train with the regularization folder {result.folder}.")
+
+        return self._guarded(job, "Train Tools class pictures", work)
+
+    def class_pictures_in_background(self, request: ClassPicturesRequest) -> JobStatus:
+        job = self.begin()
+        job.kind = "class-pictures"
+        self._in_background(job, lambda: self.run_class_pictures(job, request))
+        return job
 
     def _guarded(self, job: JobStatus, title: str, work: Callable[[], None]) -> JobStatus:
         job.state = "running"
@@ -424,6 +495,11 @@ class TrainingJobs:
             job.lr_history.append((progress.step, dict(progress.learning_rates)))
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
+        if progress.phase in ("sampled", "samples-failed"):
+            job.samples.extend({"epoch": progress.epoch, "step": progress.step, "index": index, "file": path}
+                               for index, path in enumerate(progress.saved_files))
+        if progress.phase == "samples-failed":
+            job.sample_error = progress.message
 
     def pick(self, name: str, grid_folder: str | Path, x: float, y: float) -> PickedCell | None:
         """The cell under a click on one of this project's grids (no other folder is read)."""
@@ -450,9 +526,9 @@ class TrainingJobs:
             self.webui.networks.list_available_networks()
         return result
 
-    def _track_grid(self, job: JobStatus, done: int, total: int, text: str) -> None:
+    def _track_grid(self, job: JobStatus, done: int, total: int, text: str, label: str = "Preview grid: ") -> None:
         state = self.webui.shared.state
-        state.job_count, state.job_no, state.textinfo = total, done, f"Preview grid: {text}"
+        state.job_count, state.job_no, state.textinfo = total, done, f"{label}{text}"
         job.phase, job.step, job.total_steps, job.message = "rendering", done, total, text
 
     def _fingerprints(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from modules import call_queue, sd_models, shared, ui_common
+from modules import call_queue, sd_models, sd_samplers, shared, ui_common
 
 from lib_train.common.errors import TrainToolsError
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
@@ -23,11 +23,13 @@ from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
 from .webui_context import jobs
 
 
-def _setting_components() -> dict[str, gr.components.Component]:
+def _setting_components() -> tuple[dict[str, gr.components.Component], dict[str, gr.components.Component]]:
     """The training settings, keyed by their TrainConfig name, with TrainConfig's defaults: the common ones first,
-    the rest in an Advanced accordion grouped by what they change."""
+    samples and regularization, the rest in an Advanced accordion grouped by what they change. Also returns the
+    controls beside them that are no setting (buttons, the class-picture request)."""
     d = TrainConfig()
     c: dict[str, gr.components.Component] = {}
+    extras: dict[str, gr.components.Component] = {}
     with gr.Row():
         c["resolution"] = gr.Slider(256, 2048, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
         c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0, elem_id="train_tools_epochs")
@@ -46,13 +48,58 @@ def _setting_components() -> dict[str, gr.components.Component]:
         c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
         c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
                                                elem_id="train_tools_skip_unusable_files")
+    _sample_settings(c, extras, d)
+    _regularization_settings(c, extras, d)
     with gr.Accordion("Advanced", open=False, elem_id="train_tools_advanced"):
         _network_settings(c, d)
         _optimizer_settings(c, d)
         _loss_settings(c, d)
         _data_settings(c, d)
         _memory_settings(c, d)
-    return c
+    return c, extras
+
+
+def _sample_settings(c: dict, extras: dict, d: TrainConfig) -> None:
+    with gr.Accordion("Samples during training", open=False, elem_id="train_tools_sample_settings"):
+        with gr.Row():
+            c["sample_every_n_epochs"] = gr.Number(d.sample_every_n_epochs, label="Sample every N epochs (0: off; on "
+                                                   "by default on a GPU)", precision=0,
+                                                   elem_id="train_tools_sample_every_n_epochs")
+            c["sample_every_n_steps"] = gr.Number(d.sample_every_n_steps, label="…or every N steps (0: off)",
+                                                  precision=0, elem_id="train_tools_sample_every_n_steps")
+            c["sample_count"] = gr.Number(d.sample_count, label="Prompts made when none are written", precision=0,
+                                          elem_id="train_tools_sample_count")
+        c["sample_prompts"] = gr.Textbox(d.sample_prompts, lines=3, elem_id="train_tools_sample_prompts",
+                                         label="Sample prompts, one per line, with kohya's options --n negative, --w "
+                                         "width, --h height, --d seed, --s steps, --l CFG scale, --ss sampler, and --m "
+                                         "Lora multiplier. Empty: the trigger words with the most frequent tags")
+        with gr.Row():
+            c["sample_sampler"] = gr.Dropdown(sd_samplers.visible_sampler_names(), value=d.sample_sampler,
+                                              label="Sampler", elem_id="train_tools_sample_sampler")
+            c["sample_steps"] = gr.Number(d.sample_steps, label="Steps", precision=0, elem_id="train_tools_sample_steps")
+            c["sample_cfg_scale"] = gr.Number(d.sample_cfg_scale, label="CFG scale", elem_id="train_tools_sample_cfg_scale")
+            extras["suggest_prompts"] = gr.Button("Write the prompts a run would make", elem_id="train_tools_suggest_prompts")
+
+
+def _regularization_settings(c: dict, extras: dict, d: TrainConfig) -> None:
+    with gr.Accordion("Regularization (class pictures)", open=False, elem_id="train_tools_reg_settings"):
+        with gr.Row():
+            c["reg_dir"] = gr.Textbox(d.reg_dir, label="Regularization folder: <N>_<class> subfolders of class pictures, "
+                                      "as kohya's (the folder's name is their caption). Empty: none",
+                                      elem_id="train_tools_reg_dir")
+            c["prior_loss_weight"] = gr.Number(d.prior_loss_weight, label="Prior-loss weight (a class picture's loss "
+                                               "counts this much; 1: like a training picture)",
+                                               elem_id="train_tools_prior_loss_weight")
+        with gr.Row():
+            extras["class_prompt"] = gr.Textbox(label="Class prompt: what the pictures show in general ('woman', 'dog')",
+                                                elem_id="train_tools_class_prompt")
+            extras["class_count"] = gr.Number(10, label="Class pictures to make", precision=0,
+                                              elem_id="train_tools_class_count")
+            extras["class_seed"] = gr.Number(-1, label="First seed (-1: random; every seed is recorded)", precision=0,
+                                             elem_id="train_tools_class_seed")
+        extras["make_class_pictures"] = gr.Button(
+            "Make class pictures with the loaded model (into the regularization folder above, else the project's)",
+            elem_id="train_tools_make_class_pictures")
 
 
 def _network_settings(c: dict, d: TrainConfig) -> None:
@@ -198,6 +245,17 @@ def _files_html(job) -> str:
     return f"<ul class='train-tools-files'>{rows}</ul>"
 
 
+def _samples_update(job):
+    """The run's samples, a row per render (newest first), a column per prompt."""
+    if job is None or job.kind != "train" or not job.samples:
+        return gr.Gallery.update(value=None)
+    columns = max(sample["index"] for sample in job.samples) + 1
+    rows = sorted(job.samples, key=lambda sample: (-sample["step"], sample["index"]))
+    value = [(sample["file"], f"epoch {sample['epoch']}, step {sample['step']}: {job.sample_prompts[sample['index']]}")
+             for sample in rows if os.path.exists(sample["file"])]
+    return gr.Gallery.update(value=value, columns=columns)
+
+
 def _loss_frame(job):
     import pandas as pd
 
@@ -230,8 +288,8 @@ def _refresh():
     job = jobs().current
     running = job is not None and job.state in ("queued", "running")
     if _refusal is not None and not running and (job is None or job.started_at < _refusal[0]):
-        return gr.LinePlot.update(value=_loss_frame(None)), "", _refusal[1]
-    return _plot_update(job), _files_html(job), _status_html(job)
+        return gr.LinePlot.update(value=_loss_frame(None)), _samples_update(None), "", _refusal[1]
+    return _plot_update(job), _samples_update(job), _files_html(job), _status_html(job)
 
 
 def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, shown: dict,
@@ -255,6 +313,28 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
     job.id = id_task
     (runner.run_find_lr if find_lr else runner.run_prepare if prepare_only else runner.run)(job, config)
     return _files_html(job), _status_html(job)
+
+
+def _make_class_pictures(id_task: str, name: str, reg_dir: str, class_prompt: str, count, seed):
+    """Runs inside wrap_gradio_gpu_call (queue lock held): the class pictures, then their folder as the
+    regularization folder. The status HTML comes last (the WebUI's wrapper appends its timing to it)."""
+    runner = jobs()
+    try:
+        request = runner.prepare_class_pictures(dict(name=name, folder=reg_dir, class_prompt=class_prompt,
+                                                     count=count, seed=seed))
+        job = runner.begin()
+    except TrainToolsError as error:
+        return gr.update(), f"<div class='error'>{html.escape(str(error))}</div>"
+    job.id = id_task
+    runner.run_class_pictures(job, request)
+    return (gr.update(value=job.reg_folder) if job.reg_folder else gr.update()), _status_html(job)
+
+
+def _suggest_prompts(train_dir: str, trigger_words: str, count) -> tuple:
+    try:
+        return gr.update(value=jobs().suggested_sample_prompts(train_dir or "", trigger_words or "", int(count or 2))), ""
+    except TrainToolsError as error:
+        return gr.update(), f"<div class='error'>{html.escape(str(error))}</div>"
 
 
 def _find_lr(keys: list[str], id_task: str, *inputs) -> list:
@@ -350,7 +430,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             uploads = gr.File(label="…or upload pictures and their .txt captions", file_count="multiple",
                               elem_id="train_tools_uploads")
             with gr.Accordion("Settings", open=True):
-                components = _setting_components()
+                components, extras = _setting_components()
             with gr.Row():
                 train = gr.Button("Train", variant="primary", elem_id="train_tools_train")
                 stop = gr.Button("Stop", elem_id="train_tools_stop")
@@ -365,6 +445,8 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             output = gr.HTML(elem_id="train_tools_output")
             loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", width=420, height=260,
                                     elem_id="train_tools_loss")
+            samples = gr.Gallery(label="Samples: a row per epoch (newest first), a column per prompt", columns=2,
+                                 height=420, elem_id="train_tools_samples")
             files = gr.HTML(elem_id="train_tools_files")
             refresh = gr.Button("Refresh", elem_id="train_tools_refresh", visible=False)
 
@@ -394,5 +476,13 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
     clear_cache.click(fn=_clear_cache, inputs=[train_dir], outputs=[cache_info])
     train_dir.change(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
-    refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, files, output])
+    refresh.click(fn=_refresh, inputs=[], outputs=[loss_plot, samples, files, output])
+    extras["make_class_pictures"].click(
+        fn=call_queue.wrap_gradio_gpu_call(_make_class_pictures, extra_outputs=[gr.update()]),
+        _js="train_tools_start",
+        inputs=[task_id, name, components["reg_dir"], extras["class_prompt"], extras["class_count"], extras["class_seed"]],
+        outputs=[components["reg_dir"], output],
+    )
+    extras["suggest_prompts"].click(fn=_suggest_prompts, inputs=[train_dir, trigger, components["sample_count"]],
+                                    outputs=[components["sample_prompts"], output])
     return {"train_dir": train_dir, "train_event": train_event, "settings": components, "shown_defaults": shown_defaults}
