@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..common.errors import DatasetError
+from ..common.i18n import tr
 from ..hosts.protocol import SizeCondition
 from .buckets import (
     BucketChoice,
@@ -76,7 +77,8 @@ class FolderScan:
     unusable: list[str]  # one message per picture that cannot be used (damaged image, undecodable caption)
 
     def unusable_report(self) -> str:
-        return (f"{len(self.unusable)} file(s) in the training folder cannot be used:\n"
+        return (tr("{count_unusable} file(s) in the training folder cannot be used:\n",
+                   count_unusable=len(self.unusable))
                 + "\n".join(f"- {problem}" for problem in self.unusable))
 
 
@@ -98,9 +100,9 @@ def survey_training_folder(root: str | Path, default_repeats: int) -> FolderScan
     """
     root = Path(root).resolve()
     if not root.exists():
-        raise DatasetError(f"Training folder not found: {root}")
+        raise DatasetError(tr("Training folder not found: {root}", root=root))
     if not root.is_dir():
-        raise DatasetError(f"Training folder {root} is not a folder.")
+        raise DatasetError(tr("Training folder {root} is not a folder.", root=root))
 
     root_images = images_in(root)
     groups: list[tuple[Path, int, str, list[Path]]] = []  # (folder, repeats, class token, images)
@@ -111,28 +113,30 @@ def survey_training_folder(root: str | Path, default_repeats: int) -> FolderScan
         match = REPEATS_PREFIX.match(folder.name)
         if not match:
             raise DatasetError(
-                f"Subfolder {folder} contains images but its name does not start with a repeat count. "
-                f"Rename it to e.g. '10_{folder.name}' (10 repeats per epoch), or move it out of the training folder."
+                tr("Subfolder {folder} contains images but its name does not start with a repeat count. Rename it "
+                   "to e.g. '10_{name}' (10 repeats per epoch), or move it out of the training folder.",
+                   folder=folder, name=folder.name)
             )
         repeats = int(match.group(1))
         if repeats < 1:
             raise DatasetError(
-                f"Subfolder {folder} has a repeat count of {repeats}; the number before '_' must be at least 1."
+                tr("Subfolder {folder} has a repeat count of {repeats}; the number before '_' must be at least 1.",
+                   folder=folder, repeats=repeats)
             )
         groups.append((folder, repeats, match.group(2), images))
 
     if root_images and groups:
         raise DatasetError(
-            f"Training folder {root} has images both directly inside it and in '<N>_<name>' subfolders "
-            f"({', '.join(g[0].name for g in groups)}). Move the loose images into a subfolder, or the "
-            f"subfolders' images up into the folder."
+            tr("Training folder {root} has images both directly inside it and in '<N>_<name>' subfolders ({value}). "
+               "Move the loose images into a subfolder, or the subfolders' images up into the folder.", root=root,
+               value=', '.join(g[0].name for g in groups))
         )
     if root_images:
         groups = [(root, default_repeats, "", root_images)]
     if not groups:
         raise DatasetError(
-            f"No images found in {root}. Accepted extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}. "
-            f"Put the images in the folder itself, or in subfolders named like '10_<name>'."
+            tr("No images found in {root}. Accepted extensions: {value}. Put the images in the folder itself, or in "
+               "subfolders named like '10_<name>'.", root=root, value=', '.join(sorted(IMAGE_EXTENSIONS)))
         )
 
     records: list[ImageRecord] = []
@@ -239,7 +243,8 @@ class TrainingData:
         ]
         if too_small:
             raise DatasetError(
-                f"With 'no upscale' buckets every image side must be at least {step} px; these are smaller:\n"
+                tr("With 'no upscale' buckets every image side must be at least {step} px; these are smaller:\n",
+                   step=step)
                 + "\n".join(too_small)
             )
         return choices

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.i18n import tr
 from ..common.tensor_store import CacheFolder, CacheReport
 from ..hosts.protocol import Progress, TrainingHost
 from .config import TrainConfig
@@ -48,7 +49,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     steps_per_epoch = math.ceil(data.num_batches_per_epoch / config.gradient_accumulation_steps)
     result = TrainResult(total_steps=steps_per_epoch * config.epochs, skipped_files=scan.unusable)
     if scan.unusable:
-        host.report(Progress("caching", message=f"Skipping {len(scan.unusable)} unusable file(s); nothing was modified."))
+        host.report(Progress("caching", message=tr("Skipping {count_unusable} unusable file(s); nothing was "
+                                                   "modified.", count_unusable=len(scan.unusable))))
     facts = RunFacts(
         family=host.family, prediction_type=host.prediction_type, base_model=host.base_model,
         session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,

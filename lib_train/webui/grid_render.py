@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..hosts.protocol import ModelFamily
 from ..engine.network import LoRANetwork
 from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
@@ -69,7 +70,7 @@ class WebUIGridRenderer:
     def render(self, settings: RenderSettings, epoch_files: Sequence[Path], weights: Sequence[float],
                z_values: Sequence[ZValue], network_for: Callable[[dict], LoRANetwork]) -> dict[tuple[int, int, int], RenderedCell]:
         if " AND " in f" {settings.prompt} ":
-            raise ConfigError("AND (composable) prompts are not supported in the preview grid.")
+            raise ConfigError(tr("AND (composable) prompts are not supported in the preview grid."))
         cells: dict[tuple[int, int, int], RenderedCell] = {}
         total = len(epoch_files) * len(z_values)
         network: LoRANetwork | None = None
@@ -116,7 +117,8 @@ class WebUIGridRenderer:
         try:
             networks.load_networks([alias], [weight], [0.0], [None])
             if [net.name for net in networks.loaded_networks] != [alias]:
-                raise ConfigError(f"The WebUI's Lora cannot load {alias}; press Refresh on its Lora tab and try again.")
+                raise ConfigError(tr("The WebUI's Lora cannot load {alias}; press Refresh on its Lora tab and try "
+                                     "again.", alias=alias))
             yield
         finally:
             self.host.unmerge_builtin_lora()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import check_output_name
+from ..common.i18n import tr
 from ..common.memory import return_freed_memory
 from ..common.tensor_store import DEFAULT_LIMIT_BYTES, CacheFolder, CacheReport, CacheSize
 from ..dataset.project_folders import ProjectFolders, cache_folder_for
@@ -112,14 +113,15 @@ class TrainingJobs:
         API leaves out take the loaded model's family defaults (the tab sends all of them)."""
         values = {**self.family_defaults(self.webui.shared.sd_model), **values}
         if "output_dir" in values:
-            raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
+            raise ConfigError(tr("The output folder is not a setting: files go to the Lora folder, in a subfolder "
+                                 "per project."))
         name = check_output_name(str(values.get("name", "")))
         values["output_dir"] = str(self.folders.lora_dir / name)
         train_dir = str(values.get("train_dir", "")).strip()
         if not train_dir:
-            raise ConfigError("Choose the training folder (a folder on this server) or upload pictures.")
+            raise ConfigError(tr("Choose the training folder (a folder on this server) or upload pictures."))
         if self.folders.exposed:
-            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], tr("training folder")))
         values["train_dir"] = train_dir
         # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
         values["clip_skip"] = int(getattr(self.webui.shared.opts, "CLIP_stop_at_last_layers", 1))
@@ -138,8 +140,8 @@ class TrainingJobs:
                 continue
             existing = networks.available_networks.get(path.stem)
             if existing is not None and Path(existing.filename).resolve() != path.resolve():
-                raise ConfigError(f"A Lora named '{path.stem}' already exists ({existing.filename}); "
-                                  "choose another project name.")
+                raise ConfigError(tr("A Lora named '{stem}' already exists ({filename}); choose another project "
+                                     "name.", stem=path.stem, filename=existing.filename))
 
     # -- projects -------------------------------------------------------------------------------
 
@@ -177,9 +179,9 @@ class TrainingJobs:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
-                what = {"grid": "A preview grid", "prepare": "A preparation for training",
-                        "find-lr": "A learning-rate search"}.get(self.current.kind, "A training")
-                raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
+                what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
+                        "find-lr": tr("A learning-rate search")}.get(self.current.kind, tr("A training"))
+                raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
@@ -194,10 +196,13 @@ class TrainingJobs:
             job.skipped_files = result.skipped_files
             job.cache = asdict(result.cache)
             job.first_step_seconds = result.step_seconds[0] if result.step_seconds else None
-            job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
-                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.") + \
+            job.message = (tr("Stopped after {steps} steps", steps=result.steps) if result.stopped else
+                           tr("Done: {steps} steps", steps=result.steps)) + \
+                (tr("; saved {count} file(s).", count=len(result.saved_files)) if result.saved_files else
+                 tr("; nothing saved.")) + \
                 f" {result.cache.summary()}" + \
-                (f" Skipped {len(result.skipped_files)} unusable file(s):\n" + "\n".join(f"- {s}" for s in result.skipped_files)
+                (tr(" Skipped {count_skipped_files} unusable file(s):\n",
+                    count_skipped_files=len(result.skipped_files)) + "\n".join(f"- {s}" for s in result.skipped_files)
                  if result.skipped_files else "")
 
         return self._guarded(job, "Train Tools", work)
@@ -213,7 +218,7 @@ class TrainingJobs:
                 job, host, lambda: prepare_caches(host, config, self.cache_folder(config.train_dir)))
             job.state = "stopped" if host.should_stop() else "done"
             job.cache = asdict(report)
-            job.message = ("Stopped. " if job.state == "stopped" else "Prepared for training: ") + report.summary()
+            job.message = (tr("Stopped. ") if job.state == "stopped" else tr("Prepared for training: ")) + report.summary()
 
         return self._guarded(job, "Train Tools prepare", work)
 
@@ -236,7 +241,8 @@ class TrainingJobs:
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
         host = self._host(job, config)
         if host.medvram and config.train_text_encoder:
-            raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+            raise ConfigError(tr("Under --medvram only the UNet can be trained: set the text-encoder learning rate "
+                                 "to 0."))
         return host
 
     def _host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
@@ -263,13 +269,15 @@ class TrainingJobs:
             trained_family = lora_family(metadata)
             if trained_family is not None and trained_family is not host.family:
                 names = {ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL"}
-                raise ConfigError(f"{request.name} is an {names[trained_family]} LoRA and the loaded model is "
-                                  f"{names[host.family]}: load the checkpoint it was trained on for its preview grid.")
+                raise ConfigError(tr("{name} is an {value} LoRA and the loaded model is {value2}: load the "
+                                     "checkpoint it was trained on for its preview grid.", name=request.name,
+                                     value=names[trained_family], value2=names[host.family]))
             check = check_base_model(self.webui, metadata)
             if not check.matches:
-                hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
-                        " That checkpoint is not in the WebUI's list; the grid would not show what you trained.")
-                raise ConfigError(f"{request.name} was trained on {check.trained_on}, but {check.loaded} is loaded.{hint}")
+                hint = (tr(" Switch back to {switch_to} first.", switch_to=check.switch_to) if check.switch_to else
+                        tr(" That checkpoint is not in the WebUI's list; the grid would not show what you trained."))
+                raise ConfigError(tr("{name} was trained on {trained_on}, but {loaded} is loaded.{hint}",
+                                     name=request.name, trained_on=check.trained_on, loaded=check.loaded, hint=hint))
             host.unmerge_builtin_lora()  # as the WebUI's next plain txt2img would, so the base is the checkpoint's
             before = self._fingerprints() if self.verify_restore else None
             try:
@@ -283,8 +291,8 @@ class TrainingJobs:
             job.grid_folder = str(request.out_dir) if result.grid_path else ""
             job.saved_files = [str(p) for p in result.cell_paths]
             job.state = "done" if result.complete else "stopped"
-            job.message = (f"Preview grid: {len(result.cell_paths)} pictures." if result.complete else
-                           f"Stopped: {len(result.cell_paths)} pictures rendered.")
+            job.message = (tr("Preview grid: {count} pictures.", count=len(result.cell_paths)) if result.complete else
+                           tr("Stopped: {count} pictures rendered.", count=len(result.cell_paths)))
 
         return self._guarded(job, "Train Tools preview", work)
 
@@ -304,7 +312,7 @@ class TrainingJobs:
             return_freed_memory()
         if job.model_restored is False:
             job.error = (job.error + " " if job.error else "") + (
-                "THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this.")
+                tr("THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this."))
         return job
 
     def run_in_background(self, config: TrainConfig) -> JobStatus:
@@ -364,15 +372,15 @@ class TrainingJobs:
         """Delete the training folder's cache (never its pictures); refused while a job may be reading it."""
         folder = self.cache_folder(self._checked_folder(train_dir))
         if self.current is not None and self.current.state in ("queued", "running"):
-            raise ConfigError("A job is running: clear the cache when it has finished.")
+            raise ConfigError(tr("A job is running: clear the cache when it has finished."))
         return folder.clear()
 
     def _checked_folder(self, train_dir: str) -> str:
         train_dir = train_dir.strip()
         if not train_dir:
-            raise ConfigError("Choose the training folder first.")
+            raise ConfigError(tr("Choose the training folder first."))
         if self.folders.exposed:
-            return str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+            return str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], tr("training folder")))
         return train_dir
 
     # -- preview grid ---------------------------------------------------------------------------
@@ -390,7 +398,7 @@ class TrainingJobs:
             if key in values:
                 given[key] = convert(values[key])
         for key, label, integers in (("seeds", "seeds", True), ("weights", "weights", False),
-                                     ("cfg_values", "CFG scales", False), ("epochs", "epochs", True)):
+                                     ("cfg_values", tr("CFG scales"), False), ("epochs", "epochs", True)):
             value = values.get(key)
             if isinstance(value, str):
                 value = parse_number_list(value, label, integers) if value.strip() else []
@@ -428,7 +436,8 @@ class TrainingJobs:
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
         folder = Path(grid_folder).resolve()
         if folder.parent != grids or not folder.is_dir():
-            raise ConfigError(f"{grid_folder} is not one of the preview grids of {name}.")
+            raise ConfigError(tr("{grid_folder} is not one of the preview grids of {name}.", grid_folder=grid_folder,
+                                 name=name))
         return cell_at(folder, x, y)
 
     def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
@@ -439,7 +448,7 @@ class TrainingJobs:
         folder = self.folders.lora_dir / name
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
         if epoch is None:
-            raise ConfigError(f"{file} is not a saved file of {name} any more.")
+            raise ConfigError(tr("{file} is not a saved file of {name} any more.", file=file, name=name))
         with Image.open(picture) as cell:
             result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
         with self.webui.call_queue.queue_lock:
@@ -450,7 +459,7 @@ class TrainingJobs:
 
     def _track_grid(self, job: JobStatus, done: int, total: int, text: str) -> None:
         state = self.webui.shared.state
-        state.job_count, state.job_no, state.textinfo = total, done, f"Preview grid: {text}"
+        state.job_count, state.job_no, state.textinfo = total, done, tr("Preview grid: {text}", text=text)
         job.phase, job.step, job.total_steps, job.message = "rendering", done, total, text
 
     def _fingerprints(self) -> dict[str, str]:
