@@ -173,6 +173,40 @@ def on_app_started(demo, app) -> None:
         return {"final": str(result.final_path), "epoch": result.chosen.epoch, "weight": result.weight,
                 "preview": str(result.preview_path), "deleted": [str(p) for p in result.deleted]}
 
+    @app.get("/train-tools/v1/presets", dependencies=dependencies)
+    def list_presets():
+        """The built-in presets and the user's: name, family, builtin, the settings each changes, and every
+        setting it gives (``values``, what a train body with ``"preset": name`` starts from)."""
+        runner = jobs()
+        return {"presets": [{**p.to_dict(), "values": runner.preset_values(p.name)} for p in runner.presets.all()]}
+
+    @app.post("/train-tools/v1/presets", dependencies=dependencies)
+    def save_preset(body: dict = Body(...)):
+        """Save the user's preset: {name, settings, family?} (family: the loaded model's when left out)."""
+        runner = jobs()
+        try:
+            family = str(body.get("family") or runner.loaded_family().value)
+            preset = runner.presets.save(str(body.get("name", "")), family, dict(body.get("settings") or {}))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return preset.to_dict()
+
+    @app.post("/train-tools/v1/presets/apply", dependencies=dependencies)
+    def apply_preset(body: dict = Body(...)):
+        """Every setting of the preset {name}, to send (changed or not) as a train body."""
+        try:
+            return {"name": str(body.get("name", "")), "settings": jobs().preset_values(str(body.get("name", "")))}
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    @app.post("/train-tools/v1/presets/delete", dependencies=dependencies)
+    def delete_preset(body: dict = Body(...)):
+        try:
+            jobs().presets.delete(str(body.get("name", "")))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return {"deleted": str(body.get("name", ""))}
+
     @app.get("/train-tools/v1/status", dependencies=dependencies)
     def training_status():
         job = jobs().current

@@ -28,6 +28,7 @@ from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
 from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
+from ..engine.presets import PresetStore
 from ..engine.save import OutputPlan
 from ..engine.train import prepare_caches, train_lora
 from ..hosts.protocol import ModelFamily, Progress
@@ -104,14 +105,38 @@ class TrainingJobs:
             family = model_family(sd_model) if sd_model is not None else None
         except ConfigError:
             family = None
+        return family_overrides(family, *self.device_facts())
+
+    def device_facts(self) -> tuple[bool, bool]:
+        """(training on CUDA, bitsandbytes installed): what the family defaults' optimizer depends on."""
         on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
-        return family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None)
+        return on_cuda, importlib.util.find_spec("bitsandbytes") is not None
+
+    @property
+    def presets(self) -> PresetStore:
+        """The built-in presets and the user's, saved in ``<projects dir>/.presets/`` (not listed as a project)."""
+        return PresetStore(self.folders.projects_dir / ".presets")
+
+    def loaded_family(self) -> ModelFamily:
+        """The loaded model's family, SD1 when none (or one Train Tools refuses) is loaded: what a saved preset is for."""
+        sd_model = self.webui.shared.sd_model
+        try:
+            return model_family(sd_model) if sd_model is not None else ModelFamily.SD1
+        except ConfigError:
+            return ModelFamily.SD1
+
+    def preset_values(self, name: str) -> dict:
+        """Every Train page setting as the preset ``name`` sets it."""
+        return self.presets.get(name).values(*self.device_facts())
 
     def prepare(self, values: dict) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
         subfolder of the Lora folder, and server paths are confined when the WebUI is exposed. Settings the
         API leaves out take the loaded model's family defaults (the tab sends all of them)."""
-        values = {**self.family_defaults(self.webui.shared.sd_model), **values}
+        values = dict(values)
+        preset = str(values.pop("preset", "") or "")
+        values = {**(self._preset_for_loaded(preset) if preset else self.family_defaults(self.webui.shared.sd_model)),
+                  **values}
         if "output_dir" in values:
             raise ConfigError(tr("The output folder is not a setting: files go to the Lora folder, in a subfolder "
                                  "per project."))
@@ -128,6 +153,18 @@ class TrainingJobs:
         config = TrainConfig.from_dict(values).validate()
         self._refuse_alias_clashes(config)
         return config
+
+    def _preset_for_loaded(self, name: str) -> dict:
+        """An API request's ``preset``: its settings, refused when it is meant for another family than the loaded
+        model's (an SDXL preset's 1024² on SD1.5 would quietly train at the wrong size)."""
+        preset = self.presets.get(name)
+        sd_model = self.webui.shared.sd_model
+        loaded = model_family(sd_model) if sd_model is not None else None
+        if loaded is not None and loaded is not preset.family:
+            raise ConfigError(tr("The preset {name} is for {family} models and the loaded model is {loaded}: load "
+                                 "a matching checkpoint or choose another preset.", name=name,
+                                 family=preset.family.value.upper(), loaded=loaded.value.upper()))
+        return self.preset_values(name)
 
     def _refuse_alias_clashes(self, config: TrainConfig) -> None:
         """The WebUI names a Lora by its file stem across all subfolders: a clash would hide one of them."""

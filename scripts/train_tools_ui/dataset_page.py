@@ -54,6 +54,8 @@ LISTED_NAMES = 12  # file names listed in a message before "and N more"
 TAG_HEADERS = [tr("Tag"), tr("Images")]
 GLOSS_HEADER = tr("Chinese")  # the gloss column, shown with a Chinese UI
 FINDING_HEADERS = [tr("Severity"), tr("File"), tr("Finding")]
+# Radio choices are (shown, value): the value stays the word the tagger (and the API) reads.
+MODE_LABELS = {"append": tr("append"), "prepend": tr("prepend"), "overwrite": tr("overwrite")}
 # Report and finding kinds: also the rows' CSS classes, so only their shown text is translated.
 KIND_LABELS = {"failed": tr("failed"), "skipped": tr("skipped"), "warning": tr("warning"), "error": tr("error"),
                "info": tr("info")}
@@ -524,7 +526,7 @@ def _tagging_section() -> dict:
         c["character"] = gr.Slider(0.0, 1.0, 0.85, step=0.01, label=tr("Character tag threshold (WD14)"),
                                    elem_id="train_tools_ds_character_threshold")
     with gr.Row():
-        c["mode"] = gr.Radio(list(MODES), value="append", label=tr("Existing captions"), elem_id="train_tools_ds_tag_mode")
+        c["mode"] = gr.Radio([(MODE_LABELS.get(m, m), m) for m in MODES], value="append", label=tr("Existing captions"), elem_id="train_tools_ds_tag_mode")
         c["use_trigger"] = gr.Checkbox(True, label=tr("Put the trigger words first"), elem_id="train_tools_ds_tag_prefix")
         c["blacklist"] = gr.Textbox(label=tr("Never write these tags (comma-separated)"), elem_id="train_tools_ds_blacklist")
     with gr.Row():

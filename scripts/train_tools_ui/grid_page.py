@@ -144,7 +144,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox, train_event) -> None:
                 epochs = gr.Textbox("all", label=tr("Epochs (Y axis): all, or e.g. 2, 4, 6"), elem_id="train_tools_grid_epochs")
                 seeds = gr.Textbox("1234", label=tr("Seed (several with the seed axis)"), elem_id="train_tools_grid_seeds")
             with gr.Row():
-                third_axis = gr.Radio(["none", "seed", "cfg"], value="none", label=tr("Third axis"),
+                third_axis = gr.Radio([(tr("none"), "none"), (tr("seed"), "seed"), ("CFG", "cfg")], value="none", label=tr("Third axis"),
                                       elem_id="train_tools_grid_third_axis")
                 cfg_values = gr.Textbox("", label=tr("CFG scales (with the cfg axis)"), elem_id="train_tools_grid_cfg_values")
                 after_training = gr.Checkbox(False, label=tr("Generate after training"), elem_id="train_tools_grid_after_training")

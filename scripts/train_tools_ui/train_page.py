@@ -21,6 +21,7 @@ from lib_train.engine.optim import OPTIMIZER_KINDS
 from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
 
+from . import presets_row
 from .webui_context import jobs
 
 
@@ -361,6 +362,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             uploads = gr.File(label=tr("…or upload pictures and their .txt captions"), file_count="multiple",
                               elem_id="train_tools_uploads")
             with gr.Accordion(tr("Settings"), open=True):
+                preset_row = presets_row.build()
                 components = _setting_components()
             with gr.Row():
                 train = gr.Button(tr("Train"), variant="primary", elem_id="train_tools_train")
@@ -382,6 +384,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
     task_id = gr.Textbox(visible=False)
     # The family whose defaults the form shows ({}: TrainConfig's, SD1.5), so switching only moves untouched values.
     shown_defaults = gr.State({})
+    presets_row.wire(preset_row, components, shown_defaults)
     train_event = train.click(
         fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components)), extra_outputs=[""]),
         _js="train_tools_start",
