@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from modules import call_queue, deepbooru, devices, paths, shared
 
 from lib_train.common.errors import ConfigError, DatasetError, TrainToolsError
-from lib_train.common.i18n import tr
+from lib_train.common.i18n import is_chinese, tr
 from lib_train.dataset.health import check_dataset
 from lib_train.dataset.image_clean import open_clean
 from lib_train.dataset.image_import import ImportReport, PrepareOptions, clean_in_project, import_pictures, original_of
@@ -33,6 +33,7 @@ from lib_train.engine.config import TrainConfig
 from lib_train.tagging.auto_tag import MODES, TagOptions, tag_pictures
 from lib_train.tagging.caption_editing import CaptionSet, EditSummary
 from lib_train.tagging.feature_tags import propose_feature_tags
+from lib_train.tagging.tag_glosses import gloss
 from lib_train.tagging.wd14 import (WD14Tagger, available_models, download_model, execution_providers,
                                   import_onnxruntime, onnxruntime_package)
 from lib_train.webui.path_policy import confine
@@ -52,7 +53,9 @@ BLIP = tr("BLIP caption (WebUI)")
 PREVIEW_SIDE = 640  # the crop-focus preview; clicks are read as fractions of it
 LISTED_NAMES = 12  # file names listed in a message before "and N more"
 TAG_HEADERS = [tr("Tag"), tr("Images")]
-GLOSS_HEADER = tr("Chinese")  # the gloss column, shown with a Chinese UI
+# A Chinese UI shows a gloss of common Danbooru tags beside each tag (the captions keep the English tags).
+TAG_COLUMNS = ([TAG_HEADERS[0], tr("Chinese"), TAG_HEADERS[1]], ["str", "str", "number"]) if is_chinese() else \
+    (TAG_HEADERS, ["str", "number"])
 FINDING_HEADERS = [tr("Severity"), tr("File"), tr("Finding")]
 # Radio choices are (shown, value): the value stays the word the tagger (and the API) reads.
 MODE_LABELS = {"append": tr("append"), "prepend": tr("prepend"), "overwrite": tr("overwrite")}
@@ -372,17 +375,26 @@ def _captions(name: str) -> CaptionSet:
 def _curation(captions: CaptionSet | None, selected: str, chosen: list[str], message: str) -> tuple:
     """message, frequency table, its tags, images to add to, the selected image's tags, undo button, refused."""
     if captions is None:
-        return (message, {"headers": TAG_HEADERS, "data": []}, [], gr.update(choices=[], value=[]), "",
+        return (message, {"headers": TAG_COLUMNS[0], "data": []}, [], gr.update(choices=[], value=[]), "",
                 gr.update(value=tr("Undo"), interactive=False), "")
     frequency = captions.tag_frequency()
     editable = [image for image in captions.images if image not in captions.refused]
-    table = {"headers": TAG_HEADERS, "data": [[tag, count] for tag, count in frequency]}
+    table = {"headers": TAG_COLUMNS[0], "data": [_tag_row(tag, count) for tag, count in frequency]}
     images = gr.update(choices=editable, value=[image for image in chosen or [] if image in editable])
     selected_tags = ", ".join(captions.tags_of(selected)) if selected in editable else ""
     undo_text = tr("Undo: {action}", action=captions.undo_label) if captions.can_undo else tr("Undo")
     refused = "".join(_error(reason) for reason in captions.refused.values())
     return (message, table, [tag for tag, _ in frequency], images, selected_tags,
             gr.update(value=undo_text, interactive=captions.can_undo), refused)
+
+
+def _tag_row(tag: str, count: int) -> list:
+    return [tag, gloss(tag), count] if is_chinese() else [tag, count]
+
+
+def _with_gloss(tag: str) -> str:
+    meaning = gloss(tag)
+    return f"{tag}（{meaning}）" if meaning else tag
 
 
 def _changed(summary: EditSummary) -> str:
@@ -464,7 +476,7 @@ def _propose(name: str, trigger: str):
     if not proposals:
         return (_ok(tr("No intrinsic-feature tags (eyes, hair, face, skin, body…) are in most of the images: "
                        "nothing to bind.")), gr.update(choices=[], value=[], visible=False), gr.update(visible=False))
-    choices = [(f"{p.tag} — {p.reason}", p.tag) for p in proposals]
+    choices = [(f"{_with_gloss(p.tag)} — {p.reason}", p.tag) for p in proposals]
     message = _ok(tr("{count_proposals} tag(s) describe the subject itself. Untick those to keep, then Confirm: the "
                      "rest are removed so that the trigger words carry them.", count_proposals=len(proposals)))
     return message, gr.update(choices=choices, value=[p.tag for p in proposals], visible=True), gr.update(visible=True)
@@ -545,7 +557,7 @@ def _curation_section() -> dict:
     c: dict = {}
     with gr.Row():
         with gr.Column(scale=2):
-            c["table"] = gr.Dataframe(headers=TAG_HEADERS, datatype=["str", "number"], interactive=False,
+            c["table"] = gr.Dataframe(headers=TAG_COLUMNS[0], datatype=TAG_COLUMNS[1], interactive=False,
                                       label=tr("Tags (click one to pick it)"), elem_id="train_tools_ds_tag_table")
             c["tags"] = gr.State([])
             with gr.Row():
