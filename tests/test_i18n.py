@@ -25,6 +25,7 @@ USER_ERRORS = {cls.__name__ for cls in vars(errors).values()
                if isinstance(cls, type) and issubclass(cls, errors.TrainToolsError)} | {"HTTPException"}
 # Arguments that are shown to the user: gradio's text keywords, and (callee, position) of messages.
 TEXT_KEYWORDS = {"label", "placeholder", "info", "title", "detail"}
+SHOWN_KEYWORDS = {"message"}  # Progress(message=…): the WebUI's progress text and the job's status
 SHOWN_ARGUMENTS = {("Button", 0), ("Tab", 0), ("Accordion", 0), ("Markdown", 0), ("need", 1), ("add", 2),
                    ("_error", 0), ("_ok", 0), ("_message", 0)}
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -73,6 +74,8 @@ def unwrapped_strings() -> list[str]:
                 found += [f"{where}:{node.lineno}" for arg in shown if _is_literal(arg)]
             if not isinstance(node, ast.Call):
                 continue
+            found += [f"{where}:{node.lineno} {k.arg}=" for k in node.keywords
+                      if k.arg in SHOWN_KEYWORDS and _is_literal(k.value)]
             if str(where).startswith("scripts"):
                 found += [f"{where}:{node.lineno} {k.arg}=" for k in node.keywords
                           if k.arg in TEXT_KEYWORDS and _is_literal(k.value)]
@@ -169,3 +172,15 @@ def test_english_stays_the_default_and_scopes_are_per_thread(chinese):
         worker.join()
         assert CJK.search(seen[0])  # another thread is not inside this scope
     assert CJK.search(tr("epoch {epoch}", epoch=3))
+
+
+def test_grid_label_words_stay_english_where_the_label_font_has_no_chinese(chinese):
+    from lib_train.preview.grid_image import default_label_font, font_draws
+    from lib_train.preview.grid_spec import GridSpec
+
+    font = default_label_font(16)  # like the WebUI's default Roboto: Latin glyphs only
+    assert font_draws(font, "epoch 3, weight: 0.5") and not font_draws(font, tr("epoch {epoch}", epoch=3))
+    spec = GridSpec(prompt="x", weights=[0.5, 1.0])
+    assert spec.axis_labels([])[0] == ["权重：0.5", "权重：1"]
+    with language_scope(ENGLISH):  # what lib_train.webui.grid does when font_draws says no
+        assert spec.axis_labels([])[0] == ["weight: 0.5", "weight: 1"]

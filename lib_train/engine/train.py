@@ -80,7 +80,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
             # Tracebacks keep frames alive: drop the big objects so their memory (VRAM) is given back.
             run = data = None  # noqa: F841
 
-    host.report(Progress("done", result.steps, result.total_steps, message="Stopped." if result.stopped else "Done.",
+    host.report(Progress("done", result.steps, result.total_steps, message=tr("Stopped.") if result.stopped else tr("Done."),
                          saved_files=[str(p) for p in result.saved_files]))
     return result
 
@@ -98,18 +98,18 @@ def prepare_caches(host: TrainingHost, config: TrainConfig, cache: CacheFolder) 
         except StopRequested:
             pass
     cache.keep_within_limit()
-    host.report(Progress("done", message=("Stopped. " if host.should_stop() else "") + report.summary()))
+    host.report(Progress("done", message=(tr("Stopped. ") if host.should_stop() else "") + report.summary()))
     return report
 
 
 def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,
                 epoch: int, result: TrainResult) -> None:
     host.report(Progress("saving", result.steps, result.total_steps, epoch, config.epochs,
-                         message=f"Saving {plan.lora_path(epoch).name}"))
+                         message=tr("Saving {name}", name=plan.lora_path(epoch).name)))
     state = network.kohya_state_dict(SAVE_DTYPES[config.save_precision])
     metadata = lora_metadata(config, facts, output_name=plan.stem(epoch), epoch=epoch, steps=result.steps)
     write_lora(plan.lora_path(epoch), state, metadata, config.overwrite)
     result.saved_files.append(plan.lora_path(epoch))
     write_sidecar(plan.sidecar_path(epoch), sidecar(config, host.family, epoch), config.overwrite)
     host.report(Progress("saved", result.steps, result.total_steps, epoch, config.epochs,
-                         message=f"Saved {plan.lora_path(epoch).name}", saved_files=[str(plan.lora_path(epoch))]))
+                         message=tr("Saved {name}", name=plan.lora_path(epoch).name), saved_files=[str(plan.lora_path(epoch))]))

@@ -89,13 +89,14 @@ class WebUIGridRenderer:
                     if self.stop_requested():
                         return cells
                     done = iy * len(z_values) + iz
-                    self.on_batch(done, total, f"{Path(path).stem}, seed {z.seed}, CFG {z.cfg_scale:g}")
+                    self.on_batch(done, total, tr("{file}, seed {seed}, CFG {cfg:g}", file=Path(path).stem, seed=z.seed,
+                                                 cfg=z.cfg_scale))
                     images, infotexts = self._render_batch(network, Path(path).stem, settings, z, weights)
                     if self.stop_requested() or len(images) < len(weights):  # interrupted: half-sampled images
                         return cells
                     for ix, (image, infotext) in enumerate(zip(images, infotexts)):
                         cells[(ix, iy, iz)] = RenderedCell(image, _with_lora_tag(infotext, Path(path).stem, weights[ix]))
-            self.on_batch(total, total, "done")
+            self.on_batch(total, total, tr("done"))
             return cells
         finally:
             if network is not None:
