@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
@@ -49,14 +50,26 @@ def built_texts(url: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def reload_ui(page: Page, url: str, localization: str) -> None:
-    """Set the Localization (Train Tools' own Language setting on Auto) and rebuild the UI as "Reload UI" does."""
+def train_button(url: str) -> str | None:
+    """The Train button's text in the UI the server now serves; None while the server rebuilds it."""
+    try:
+        return next((text for elem_id, key, text in built_texts(url) if elem_id == "train_tools_train"), None)
+    except (OSError, ValueError):  # the old UI is closed and the new one not up yet
+        return None
+
+
+def reload_ui(page: Page, url: str, localization: str, train_label: str) -> None:
+    """Set the Localization (Train Tools' own Language setting on Auto) and rebuild the UI as "Reload UI" does,
+    until the server's UI has the Train button reading ``train_label``."""
     request(url + "/sdapi/v1/options", {"localization": localization, "train_tools_language": "Auto"})
     page.goto(url, wait_until="networkidle")
     page.wait_for_timeout(3000)
     page.evaluate("document.querySelector('#settings_restart_gradio').click()")  # the Settings page's Reload UI
-    page.wait_for_timeout(5000)
-    page.wait_for_selector("#tab_train_tools", state="attached", timeout=600000)
+    time.sleep(10)  # the WebUI takes the request within 5 s and closes the old UI before building the new one
+    deadline = time.time() + 600
+    while train_button(url) != train_label:
+        check(time.time() < deadline, f"the UI rebuilt with Localization {localization!r} within 10 minutes")
+        time.sleep(3)
     page.goto(url, wait_until="networkidle")
     page.wait_for_timeout(4000)
     page.locator("#tabs > .tab-nav > button", has_text="Train Tools").click()
@@ -120,9 +133,9 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         try:
-            reload_ui(page, args.url, args.localization)
+            reload_ui(page, args.url, args.localization, zh["Train"])
             check_chinese(page, args.url, zh, args.out)
-            reload_ui(page, args.url, "None")
+            reload_ui(page, args.url, "None", "Train")
             check_english(page, args.url, args.out)
         finally:
             request(args.url + "/sdapi/v1/options", kept or {"localization": "None"})
