@@ -20,17 +20,31 @@ import json
 import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import CHROMIUM_ARGS, show_page  # noqa: E402
-from webui_api import check, request  # noqa: E402
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "lib_train" / "common" / "strings_zh.json"
 CJK = re.compile(r"[\u4e00-\u9fff]")
 KEPT = {"Alpha", "🔄"}  # names, not words: the same in both languages
+
+
+def request(url: str, payload: dict | None = None):
+    """JSON over HTTP (webui_api's helpers need numpy, which the browser venv has not)."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as response:
+        return json.loads(response.read() or b"null")
+
+
+def check(condition: bool, message: str) -> None:
+    print(("ok   " if condition else "FAIL ") + message, flush=True)
+    if not condition:
+        sys.exit(1)
 
 
 def built_texts(url: str) -> list[tuple[str, str, str]]:
