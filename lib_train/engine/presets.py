@@ -41,7 +41,8 @@ class Preset:
         return {key: merged[key] for key in PRESET_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family.value, "builtin": self.builtin, "settings": dict(self.settings)}
+        return {"name": self.name, "family": self.family.value, "builtin": self.builtin,
+                "settings": dict(self.settings)}
 
 
 _CHARACTER = {"repeats": 10, "epochs": 10, "save_every_n_epochs": 1, "shuffle_caption": True, "keep_tokens": 1,

@@ -11,7 +11,6 @@ from lib_train.common.errors import TrainToolsError
 from lib_train.common.i18n import tr
 from lib_train.engine.family_defaults import family_overrides
 from lib_train.engine.presets import PRESET_KEYS
-from lib_train.hosts.protocol import ModelFamily
 
 from .webui_context import jobs
 

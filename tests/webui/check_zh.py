@@ -104,8 +104,9 @@ def check_chinese(page: Page, url: str, zh: dict[str, str], out: Path) -> None:
     tabs = page.locator("#train_tools_pages > .tab-nav > button").all_inner_texts()
     check([t.strip() for t in tabs] == titles, f"page titles: {tabs}")
     screenshots(page, out, "zh", titles)
-    for elem_id, english_text in (("train_tools_train", "Train"), ("train_tools_ds_import", "Import"),
-                                  ("train_tools_grid_render", "Render grid"), ("train_tools_preset_apply", "Apply preset")):
+    buttons = (("train_tools_train", "Train"), ("train_tools_ds_import", "Import"),
+               ("train_tools_grid_render", "Render grid"), ("train_tools_preset_apply", "Apply preset"))
+    for elem_id, english_text in buttons:
         shown = page.locator(f"#{elem_id}").inner_text().strip()
         check(shown == zh[english_text], f"#{elem_id} reads {shown!r}")
     show_page(page, zh["Train"])
