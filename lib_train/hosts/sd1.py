@@ -101,7 +101,7 @@ def load_sd1_checkpoint(path: str | Path, unet_config: dict = SD15_UNET, vae_con
     state = read_checkpoint(path)
     family = checkpoint_family(state)
     if family != "sd1":
-        label = {"sdxl": "an SDXL", "sd2": "an SD2.x"}.get(family, family)
+        label = {"sdxl": tr("an SDXL"), "sd2": tr("an SD2.x")}.get(family, family)
         raise CheckpointError(tr("{name} is {label} checkpoint, not SD1.x.", name=path.name, label=label))
     with torch.device("meta"):
         model = build_sd1(unet_config, vae_config, text_config)

@@ -127,7 +127,7 @@ def load_sdxl_checkpoint(path: str | Path, unet_config: dict = SDXL_UNET, vae_co
     state = read_checkpoint(path)
     family = checkpoint_family(state)
     if family != "sdxl":
-        label = {"sd1": "an SD1.x", "sd2": "an SD2.x"}.get(family, family)
+        label = {"sd1": tr("an SD1.x"), "sd2": tr("an SD2.x")}.get(family, family)
         raise CheckpointError(tr("{name} is {label} checkpoint, not an SDXL base model.", name=path.name, label=label))
     with torch.device("meta"):
         model = build_sdxl(unet_config, vae_config, text1_config, text2_config, size_embedding_dim)

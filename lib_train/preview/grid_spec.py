@@ -168,7 +168,7 @@ class GridSpec:
         need(1 <= self.steps <= 150, tr("Steps must be between 1 and 150 (got {steps}).", steps=self.steps))
         need(math.isfinite(self.cfg_scale) and 1 <= self.cfg_scale <= 30,
              tr("CFG scale must be between 1 and 30 (got {cfg_scale}).", cfg_scale=self.cfg_scale))
-        for label, size in (("Width", self.width), ("Height", self.height)):
+        for label, size in ((tr("Width"), self.width), (tr("Height"), self.height)):
             need(64 <= size <= 2048 and size % 8 == 0,
                  tr("{label} must be a multiple of 8 between 64 and 2048 (got {size}).", label=label, size=size))
         need(bool(self.weights), tr("Give at least one Lora weight."))

@@ -434,8 +434,8 @@ class TrainingJobs:
                              ("width", int), ("height", int)):
             if key in values:
                 given[key] = convert(values[key])
-        for key, label, integers in (("seeds", "seeds", True), ("weights", "weights", False),
-                                     ("cfg_values", tr("CFG scales"), False), ("epochs", "epochs", True)):
+        for key, label, integers in (("seeds", tr("seeds"), True), ("weights", tr("weights"), False),
+                                     ("cfg_values", tr("CFG scales"), False), ("epochs", tr("epochs"), True)):
             value = values.get(key)
             if isinstance(value, str):
                 value = parse_number_list(value, label, integers) if value.strip() else []
