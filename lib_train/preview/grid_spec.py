@@ -36,7 +36,7 @@ def parse_number_list(text: str, label: str = "values", integers: bool = False) 
         try:
             number = int(part) if integers else float(part)
         except ValueError:
-            kind = tr("a whole number") if integers else "a number"
+            kind = tr("a whole number") if integers else tr("a number")
             raise ConfigError(tr("'{part}' in the {label} is not {kind}.", part=part, label=label, kind=kind)) from None
         if not math.isfinite(number):
             raise ConfigError(tr("'{part}' in the {label} is not a finite number.", part=part, label=label))

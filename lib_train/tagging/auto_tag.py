@@ -42,7 +42,7 @@ class TagOptions:
         if self.mode not in MODES:
             raise ConfigError(tr("Tagging mode '{mode}' is not one of {value}.", mode=self.mode,
                                  value=', '.join(MODES)))
-        for label, value in (("general", self.general_threshold), ("character", self.character_threshold)):
+        for label, value in ((tr("general"), self.general_threshold), (tr("character"), self.character_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(tr("The {label} tag threshold must be between 0 and 1, not {value}.", label=label,
                                      value=value))
