@@ -66,10 +66,9 @@ function train_tools_ds_tag_start() {
 // Dataset page: "Prepare for training" opens the Train page and presses its Prepare button, so the encoding
 // uses that page's settings (size, buckets, flip) and shows its progress bar there.
 function train_tools_ds_prepare() {
+    // The second page is Train (its title may be translated; gradio 3 gives the tab buttons no id).
     var pages = gradioApp().querySelectorAll('#train_tools_pages > .tab-nav > button');
-    for (var i = 0; i < pages.length; i++) {
-        if (pages[i].textContent.trim() == 'Train') pages[i].click();
-    }
+    if (pages.length > 1) pages[1].click();
     setTimeout(function() {
         gradioApp().getElementById('train_tools_prepare').click();
     }, 300);

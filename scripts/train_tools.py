@@ -19,14 +19,29 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import script_callbacks, shared
 
 from lib_train.common.errors import TrainToolsError
+from lib_train.common.i18n import LANGUAGE_SETTINGS, choose_language, set_language, tr
+
+
+def _apply_language() -> None:
+    """Our words follow the WebUI's localization (read when the UI is built: the WebUI's Localization setting
+    itself needs a Reload UI). Rendered here in Python, so no localization file of ours competes with the user's."""
+    data = shared.opts.data
+    bilingual = data.get("bilingual_localization_file") if data.get("bilingual_localization_enabled", True) else None
+    set_language(choose_language(data.get("train_tools_language"), data.get("localization"), bilingual))
+
+
+_apply_language()  # before the options and pages below are built with tr()
 
 # Registered at import, not in on_ui_settings, so the options also exist under --nowebui.
 shared.options_templates.update(shared.options_section(("train_tools", "Train Tools"), {
     "train_tools_verify_restore": shared.OptionInfo(
-        True, "Prove after every training that the live model is unchanged (hashes UNet, text encoder and VAE)"),
+        True, tr("Prove after every training that the live model is unchanged (hashes UNet, text encoder and VAE)")),
     "train_tools_cache_limit_gb": shared.OptionInfo(
-        4.0, "Cache of latents and caption embeddings: at most this many GB per training folder (least recently "
-        "used removed first)", gr.Number),  # the WebUI picks a component itself only for str, int and bool
+        4.0, tr("Cache of latents and caption embeddings: at most this many GB per training folder (least recently "
+                "used removed first)"), gr.Number),  # the WebUI picks a component itself only for str, int and bool
+    "train_tools_language": shared.OptionInfo(
+        "Auto", tr("Language of the Train Tools tab (Auto: Chinese with a Simplified Chinese localization, else English)"),
+        gr.Radio, {"choices": list(LANGUAGE_SETTINGS)}).needs_reload_ui(),
 }))
 
 
@@ -49,14 +64,15 @@ from train_tools_ui.webui_context import jobs  # noqa: E402
 
 
 def on_ui_tabs():
+    _apply_language()
     with gr.Blocks(analytics_enabled=False) as tab:
         name, trigger, base_model = train_page.build_header()
         with gr.Tabs(elem_id="train_tools_pages"):
             # The Dataset page comes first but sets the Train page's folder: its tab is placed now, filled below.
-            dataset_tab = gr.Tab("Dataset", elem_id="train_tools_page_dataset")
-            with gr.Tab("Train", elem_id="train_tools_page_train") as train_tab:
+            dataset_tab = gr.Tab(tr("Dataset"), elem_id="train_tools_page_dataset")
+            with gr.Tab(tr("Train"), elem_id="train_tools_page_train") as train_tab:
                 train = train_page.build(name, trigger)
-            with gr.Tab("Preview grid", elem_id="train_tools_page_grid"):
+            with gr.Tab(tr("Preview grid"), elem_id="train_tools_page_grid"):
                 grid_page.build(name, trigger, train["train_event"])
             with dataset_tab:
                 dataset_page.build(name, trigger, train["train_dir"])
@@ -78,7 +94,7 @@ def _auth_dependencies() -> list:
     def check(given: HTTPBasicCredentials = Depends(basic)) -> None:
         expected = credentials.get(given.username)
         if expected is None or not secrets.compare_digest(given.password, expected):
-            raise HTTPException(status_code=401, detail="Incorrect username or password",
+            raise HTTPException(status_code=401, detail=tr("Incorrect username or password"),
                                 headers={"WWW-Authenticate": "Basic"})
 
     return [Depends(check)]
@@ -150,7 +166,7 @@ def on_app_started(demo, app) -> None:
         try:
             picked = jobs().pick(name, str(body.get("grid_folder", "")), float(body.get("x", -1)), float(body.get("y", -1)))
             if picked is None:
-                raise HTTPException(status_code=400, detail="No grid cell at that point.")
+                raise HTTPException(status_code=400, detail=tr("No grid cell at that point."))
             result = jobs().choose(name, picked.file, picked.weight, picked.picture, bool(body.get("delete_others")))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
@@ -178,6 +194,40 @@ def on_app_started(demo, app) -> None:
         except (TrainToolsError, ValueError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return {"sample_prompts": text}
+
+    @app.get("/train-tools/v1/presets", dependencies=dependencies)
+    def list_presets():
+        """The built-in presets and the user's: name, family, builtin, the settings each changes, and every
+        setting it gives (``values``, what a train body with ``"preset": name`` starts from)."""
+        runner = jobs()
+        return {"presets": [{**p.to_dict(), "values": runner.preset_values(p.name)} for p in runner.presets.all()]}
+
+    @app.post("/train-tools/v1/presets", dependencies=dependencies)
+    def save_preset(body: dict = Body(...)):
+        """Save the user's preset: {name, settings, family?} (family: the loaded model's when left out)."""
+        runner = jobs()
+        try:
+            family = str(body.get("family") or runner.loaded_family().value)
+            preset = runner.presets.save(str(body.get("name", "")), family, dict(body.get("settings") or {}))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return preset.to_dict()
+
+    @app.post("/train-tools/v1/presets/apply", dependencies=dependencies)
+    def apply_preset(body: dict = Body(...)):
+        """Every setting of the preset {name}, to send (changed or not) as a train body."""
+        try:
+            return {"name": str(body.get("name", "")), "settings": jobs().preset_values(str(body.get("name", "")))}
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    @app.post("/train-tools/v1/presets/delete", dependencies=dependencies)
+    def delete_preset(body: dict = Body(...)):
+        try:
+            jobs().presets.delete(str(body.get("name", "")))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return {"deleted": str(body.get("name", ""))}
 
     @app.get("/train-tools/v1/status", dependencies=dependencies)
     def training_status():

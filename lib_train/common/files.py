@@ -12,6 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import OutputError
+from .i18n import tr
 
 _FORBIDDEN_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
@@ -21,13 +22,14 @@ def check_output_name(name: str) -> str:
     path parts and the characters Windows or the prompt syntax reserve are not."""
     cleaned = name.strip()
     if not cleaned:
-        raise OutputError("Give the LoRA a name.")
+        raise OutputError(tr("Give the LoRA a name."))
     if cleaned in (".", "..") or ".." in cleaned.split("/") or _FORBIDDEN_NAME.search(cleaned):
-        raise OutputError(f"The name {name!r} cannot be used: it must not contain / \\ : * ? \" < > | or '..'.")
+        raise OutputError(tr("The name {name!r} cannot be used: it must not contain / \\ : * ? \" < > | or '..'.",
+                             name=name))
     if cleaned.startswith(".") or cleaned.endswith("."):
-        raise OutputError(f"The name {name!r} cannot start or end with a dot.")
+        raise OutputError(tr("The name {name!r} cannot start or end with a dot.", name=name))
     if len(cleaned.encode("utf-8")) > 200:
-        raise OutputError("The name is too long (at most 200 bytes).")
+        raise OutputError(tr("The name is too long (at most 200 bytes)."))
     return cleaned
 
 
@@ -47,10 +49,12 @@ def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
         try:
             os.link(temporary, path)  # atomic and fails if the name exists
         except FileExistsError:
-            raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
+            raise OutputError(tr("{name} already exists in {parent}; it was not overwritten.", name=path.name,
+                                 parent=path.parent)) from None
         except OSError:  # file systems without hard links
             if path.exists():
-                raise OutputError(f"{path.name} already exists in {path.parent}; it was not overwritten.") from None
+                raise OutputError(tr("{name} already exists in {parent}; it was not overwritten.", name=path.name,
+                                     parent=path.parent)) from None
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

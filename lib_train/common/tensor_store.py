@@ -18,6 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .files import write_atomically
+from .i18n import tr
 
 ENTRY_SUFFIX = ".safetensors"
 DEFAULT_LIMIT_BYTES = 4 * 2**30
@@ -40,14 +41,17 @@ class CacheReport:
     problems: list[str] = field(default_factory=list)  # damaged entries found and encoded again
 
     def summary(self) -> str:
-        parts = [f"{self.latents_reused} of {self.latents_total} latents from cache"]
+        parts = [tr("{latents_reused} of {latents_total} latents from cache", latents_reused=self.latents_reused,
+                    latents_total=self.latents_total)]
         if self.captions_total:
-            parts.append(f"{self.captions_reused} of {self.captions_total} captions from cache")
+            parts.append(tr("{captions_reused} of {captions_total} captions from cache",
+                            captions_reused=self.captions_reused, captions_total=self.captions_total))
         if self.masks_total:
-            parts.append(f"{self.masks_reused} of {self.masks_total} masks from cache")
+            parts.append(tr("{masks_reused} of {masks_total} masks from cache", masks_reused=self.masks_reused,
+                            masks_total=self.masks_total))
         text = ", ".join(parts) + "."
         if self.problems:
-            text += (f" {len(self.problems)} damaged cache file(s) encoded again:\n"
+            text += (tr(" {count_problems} damaged cache file(s) encoded again:\n", count_problems=len(self.problems))
                      + "\n".join(f"- {problem}" for problem in self.problems))
         return text
 
@@ -94,13 +98,13 @@ class TensorStore:
         try:
             tensors = load_safetensors(data)
             metadata = _metadata(data)
-            problem = ("it was written for another entry" if metadata.get("key") != key else
-                       "its contents do not match their checksum" if metadata.get("sha256") != _digest(tensors) else "")
+            problem = (tr("it was written for another entry") if metadata.get("key") != key else
+                       tr("its contents do not match their checksum") if metadata.get("sha256") != _digest(tensors) else "")
         except Exception as error:  # safetensors reports truncation as SafetensorError, a bad header as others
-            problem = f"it cannot be read ({type(error).__name__}: {error})"
+            problem = tr("it cannot be read ({kind}: {error})", kind=type(error).__name__, error=error)
         if problem:
             path.unlink(missing_ok=True)
-            raise DamagedEntry(f"{path} was damaged: {problem}")
+            raise DamagedEntry(tr("{path} was damaged: {problem}", path=path, problem=problem))
         os.utime(path)  # its modification time is its last use: the size bound removes the least recently used
         return tensors
 
@@ -121,8 +125,9 @@ class CacheSize:
     masks: int = 0
 
     def describe(self) -> str:
-        masks = f", {self.masks} masks" if self.masks else ""
-        return f"{self.latents} latents, {self.captions} captions{masks}, {self.bytes / 2**20:.1f} MB"
+        masks = tr(", {masks} masks", masks=self.masks) if self.masks else ""
+        return tr("{latents} latents, {captions} captions{masks}, {size:.1f} MB", latents=self.latents,
+                  captions=self.captions, masks=masks, size=self.bytes / 2**20)
 
 
 class CacheFolder:

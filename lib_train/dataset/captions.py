@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from ..common.errors import DatasetError
+from ..common.i18n import tr
 
 # `.txt` is what taggers write; `.caption` is kohya's default. Checked in this order.
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -57,16 +58,17 @@ def read_caption(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise DatasetError(f"Cannot read caption file {path}: {error.strerror or error}") from None
+        raise DatasetError(tr("Cannot read caption file {path}: {value}", path=path, value=error.strerror or error)) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         guess = _guess_legacy_encoding(data)
         if guess:
-            detail = f"it looks like {guess}; re-save it as UTF-8"
+            detail = tr("it looks like {guess}; re-save it as UTF-8", guess=guess)
         else:
-            detail = f"invalid byte 0x{data[error.start]:02x} at position {error.start}; re-save it as UTF-8"
-        raise DatasetError(f"Caption file {path} is not valid UTF-8 ({detail}).") from None
+            detail = tr("invalid byte 0x{value:02x} at position {start}; re-save it as UTF-8",
+                        value=data[error.start], start=error.start)
+        raise DatasetError(tr("Caption file {path} is not valid UTF-8 ({detail}).", path=path, detail=detail)) from None
     for line in text.splitlines():
         if line.strip():
             return line.strip()

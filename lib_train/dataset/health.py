@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..common.errors import ConfigError, DatasetError, TrainToolsError
+from ..common.i18n import tr
 from ..hosts.clip_tokenizer import clip_tokenizer
 from .captions import CAPTION_EXTENSIONS, find_caption, read_caption
 from .training_data import REPEATS_PREFIX, images_in, load_rgb  # the training folder's own rules
@@ -82,10 +83,10 @@ def check_dataset(
     """
     root = Path(train_dir)
     if not root.is_dir():
-        raise DatasetError(f"Training folder not found: {root}")
-    for name, value in (("resolution", resolution), ("repeats", repeats), ("batch size", batch_size)):
+        raise DatasetError(tr("Training folder not found: {root}", root=root))
+    for name, value in ((tr("resolution"), resolution), (tr("repeats"), repeats), (tr("batch size"), batch_size)):
         if value < 1:
-            raise ConfigError(f"The {name} must be at least 1, not {value}.")
+            raise ConfigError(tr("The {name} must be at least 1, not {value}.", name=name, value=value))
 
     check = _Check()
     groups = _groups(root, repeats, check)
@@ -104,16 +105,19 @@ def check_dataset(
 
     counted = [group for group in groups if group.repeats is not None]
     for group in counted:
-        check.add("info", group.folder, f"{group.readable} readable image(s) × {group.repeats} repeat(s) = "
-                                        f"{group.readable * group.repeats} per epoch.")
+        check.add("info", group.folder, tr("{readable} readable image(s) × {repeats} repeat(s) = {value} per epoch.",
+                                           readable=group.readable, repeats=group.repeats,
+                                           value=group.readable * group.repeats))
     images_per_epoch = sum(group.readable * group.repeats for group in counted)
     steps = math.ceil(images_per_epoch / batch_size)
     findings = sorted(check.findings, key=lambda finding: _SEVERITY_ORDER[finding.severity])
     errors = sum(finding.severity == "error" for finding in findings)
     warnings = sum(finding.severity == "warning" for finding in findings)
-    summary = (f"{len(hashes)} readable image(s), {images_per_epoch} per epoch with repeats: about {steps} "
-               f"step(s) per epoch at batch size {batch_size} (a few more when images fall into several "
-               f"aspect-ratio buckets). {errors} error(s), {warnings} warning(s).")
+    summary = (tr("{count_hashes} readable image(s), {images_per_epoch} per epoch with repeats: about {steps} "
+                  "step(s) per epoch at batch size {batch_size} (a few more when images fall into several "
+                  "aspect-ratio buckets). {errors} error(s), {warnings} warning(s).", count_hashes=len(hashes),
+                  images_per_epoch=images_per_epoch, steps=steps, batch_size=batch_size, errors=errors,
+                  warnings=warnings))
     return HealthReport(findings, summary, len(hashes), images_per_epoch, steps)
 
 
@@ -146,21 +150,22 @@ def _groups(root: Path, default_repeats: int, check: _Check) -> list[_Group]:
         match = REPEATS_PREFIX.match(folder.name)
         repeats = int(match.group(1)) if match else None
         if repeats is None:
-            check.add("error", folder, f"The folder name does not start with a repeat count: rename it to e.g. "
-                                       f"'10_{folder.name}' (10 repeats per epoch) or move it out.")
+            check.add("error", folder, tr("The folder name does not start with a repeat count: rename it to e.g. "
+                                          "'10_{name}' (10 repeats per epoch) or move it out.", name=folder.name))
         elif repeats < 1:
-            check.add("error", folder, f"The repeat count {repeats} must be at least 1.")
+            check.add("error", folder, tr("The repeat count {repeats} must be at least 1.", repeats=repeats))
             repeats = None
         groups.append(_Group(folder, repeats, match.group(2) if match else "", images))
     loose = images_in(root)
     if loose and groups:
-        check.add("error", root, f"{len(loose)} image(s) lie directly in the folder beside '<N>_<name>' "
-                                 f"subfolders; training refuses that: move them into a subfolder.")
+        check.add("error", root, tr("{count_loose} image(s) lie directly in the folder beside '<N>_<name>' "
+                                    "subfolders; training refuses that: move them into a subfolder.",
+                                    count_loose=len(loose)))
         groups.append(_Group(root, None, "", loose))
     elif loose:
         groups.append(_Group(root, default_repeats, "", loose))
     if not groups:
-        check.add("error", root, "No images found (in the folder or its '<N>_<name>' subfolders).")
+        check.add("error", root, tr("No images found (in the folder or its '<N>_<name>' subfolders)."))
     return groups
 
 
@@ -173,15 +178,17 @@ def _check_image(path: Path, resolution: int, check: _Check) -> int | None:
         return None
     width, height = image.size
     if min(width, height) < resolution / 2:
-        check.add("warning", path, f"Is {width}×{height}: the shorter side is below half the training resolution "
-                                   f"({resolution // 2} px at {resolution}), so it is upscaled and teaches blur.")
+        check.add("warning", path, tr("Is {width}×{height}: the shorter side is below half the training resolution "
+                                      "({value} px at {resolution}), so it is upscaled and teaches blur.",
+                                      width=width, height=height, value=resolution // 2, resolution=resolution))
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:
         short_side = round(resolution / math.sqrt(ratio))
-        check.add("warning", path, f"Is {width}×{height} (1:{ratio:.1f}): aspect-ratio buckets keep the pixel count "
-                                   f"near {resolution}×{resolution}, so its short side gets only about {short_side} "
-                                   f"px, and what lies beyond the most elongated bucket is cropped away. Crop it "
-                                   f"into parts or pad it nearer to square.")
+        check.add("warning", path, tr("Is {width}×{height} (1:{ratio:.1f}): aspect-ratio buckets keep the pixel "
+                                      "count near {resolution}×{resolution}, so its short side gets only about "
+                                      "{short_side} px, and what lies beyond the most elongated bucket is cropped "
+                                      "away. Crop it into parts or pad it nearer to square.", width=width,
+                                      height=height, ratio=ratio, resolution=resolution, short_side=short_side))
     return perceptual_hash(image)
 
 
@@ -191,8 +198,10 @@ TokenCounter = Callable[[str], int]
 def _check_caption(image_path: Path, group: _Group, count_tokens: TokenCounter | None, check: _Check) -> None:
     caption_path = find_caption(image_path)
     if caption_path is None:
-        fallback = f"the folder's class token {group.class_token!r}" if group.class_token else "an empty caption"
-        check.add("warning", image_path, f"Has no caption ({image_path.stem}.txt); it trains with {fallback}.")
+        fallback = (tr("the folder's class token {class_token!r}", class_token=group.class_token) if group.class_token
+                    else tr("an empty caption"))
+        check.add("warning", image_path, tr("Has no caption ({stem}.txt); it trains with {fallback}.",
+                                            stem=image_path.stem, fallback=fallback))
         return
     try:
         caption = read_caption(caption_path)
@@ -200,14 +209,15 @@ def _check_caption(image_path: Path, group: _Group, count_tokens: TokenCounter |
         check.add("error", caption_path, str(error))
         return
     if not caption:
-        check.add("warning", caption_path, "The caption is empty: the picture trains with no description.")
+        check.add("warning", caption_path, tr("The caption is empty: the picture trains with no description."))
         return
     if count_tokens is not None:
         tokens = count_tokens(caption)
         if tokens > CLIP_CHUNK_TOKENS:
-            check.add("warning", caption_path, f"The caption is {tokens} CLIP tokens, over {CLIP_CHUNK_TOKENS}: it "
-                                               f"is split into chunks of {CLIP_CHUNK_TOKENS} that the text encoder "
-                                               f"reads separately. Shorten it or drop tags that repeat each other.")
+            check.add("warning", caption_path, tr("The caption is {tokens} CLIP tokens, over {CLIP_CHUNK_TOKENS}: "
+                                                  "it is split into chunks of {CLIP_CHUNK_TOKENS} that the text "
+                                                  "encoder reads separately. Shorten it or drop tags that repeat "
+                                                  "each other.", tokens=tokens, CLIP_CHUNK_TOKENS=CLIP_CHUNK_TOKENS))
 
 
 def _check_shared_captions(group: _Group, check: _Check) -> None:
@@ -218,7 +228,8 @@ def _check_shared_captions(group: _Group, check: _Check) -> None:
     for caption_path, images in images_by_caption.items():
         if len(images) > 1:
             names = " and ".join(image.name for image in images)
-            check.add("warning", caption_path, f"{names} share this caption file; rename one so each has its own.")
+            check.add("warning", caption_path, tr("{names} share this caption file; rename one so each has its own.",
+                                                  names=names))
 
 
 def _check_orphan_captions(group: _Group, check: _Check) -> None:
@@ -226,7 +237,7 @@ def _check_orphan_captions(group: _Group, check: _Check) -> None:
     used = {image.with_suffix(extension) for image in group.images for extension in CAPTION_EXTENSIONS}
     for path in sorted(group.folder.iterdir()):
         if path.suffix in CAPTION_EXTENSIONS and path.is_file() and path not in used and not path.name.startswith("."):
-            check.add("info", path, "No image has this name, so this caption is not used.")
+            check.add("info", path, tr("No image has this name, so this caption is not used."))
 
 
 def _check_near_duplicates(hashes: list[tuple[Path, int]], root: Path, check: _Check) -> None:
@@ -237,9 +248,9 @@ def _check_near_duplicates(hashes: list[tuple[Path, int]], root: Path, check: _C
         distances = np.unpackbits(differing, axis=1).sum(axis=1)
         for offset in np.flatnonzero(distances <= NEAR_DUPLICATE_BITS):
             other, bits = hashes[index + 1 + offset][0], int(distances[offset])
-            check.add("warning", other, f"Looks like a near-duplicate of {path.relative_to(root).as_posix()} "
-                                        f"(perceptual hashes differ in {bits} of 64 bits): the pair trains twice as "
-                                        f"often as the rest. Keep the better one.")
+            check.add("warning", other, tr("Looks like a near-duplicate of {value} (perceptual hashes differ in "
+                                           "{bits} of 64 bits): the pair trains twice as often as the rest. Keep "
+                                           "the better one.", value=path.relative_to(root).as_posix(), bits=bits))
 
 
 def _token_counter(tokenizer: Any, root: Path, check: _Check) -> TokenCounter | None:
@@ -248,6 +259,6 @@ def _token_counter(tokenizer: Any, root: Path, check: _Check) -> TokenCounter | 
         try:
             tokenizer = clip_tokenizer()
         except (TrainToolsError, OSError) as error:
-            check.add("info", root, f"Caption lengths were not checked: {error}")
+            check.add("info", root, tr("Caption lengths were not checked: {error}", error=error))
             return None
     return lambda caption: len(tokenizer.tokenize(caption))

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from ..common.errors import DatasetError
+from ..common.i18n import tr
 
 Colour = tuple[int, int, int]
 WHITE: Colour = (255, 255, 255)
@@ -83,9 +84,9 @@ def _open_upright(path: str | Path, pixel_limit: int | None, shown_as: str | Pat
     try:
         file_size = path.stat().st_size
     except OSError as error:
-        raise DatasetError(f"Cannot read image {name}: {error.strerror or error}") from None
+        raise DatasetError(tr("Cannot read image {name}: {value}", name=name, value=error.strerror or error)) from None
     if file_size == 0:
-        raise DatasetError(f"Image {name} is empty (0 bytes).")
+        raise DatasetError(tr("Image {name} is empty (0 bytes).", name=name))
     try:
         with _strict_decoding(), Image.open(path, formats=_readable_formats()) as image:
             _check_pixel_limit(image.size, pixel_limit, name)
@@ -97,11 +98,11 @@ def _open_upright(path: str | Path, pixel_limit: int | None, shown_as: str | Pat
         raise _too_large_from_pillow(error, name) from None
     except UnidentifiedImageError:
         raise DatasetError(
-            f"Image {name} is not a readable picture: it is damaged, or not in one of the formats "
-            f"{', '.join(sorted(readable_extensions()))}."
+            tr("Image {name} is not a readable picture: it is damaged, or not in one of the formats {value}.",
+               name=name, value=', '.join(sorted(readable_extensions())))
         ) from None
     except Exception as error:  # Pillow signals damaged data with many exception types
-        raise DatasetError(f"Image {name} is damaged or truncated ({error}).") from None
+        raise DatasetError(tr("Image {name} is damaged or truncated ({error}).", name=name, error=error)) from None
 
 
 @contextmanager
@@ -126,8 +127,9 @@ def _check_pixel_limit(size: tuple[int, int], pixel_limit: int | None, name: str
 
 def _too_large(name: str | Path, pixels: int, limit: int, dimensions: str = "") -> DatasetError:
     return DatasetError(
-        f"Image {name} is too large to open safely ({dimensions}{pixels / 1e6:.1f} megapixels; the limit is "
-        f"{limit / 1e6:.1f}). Shrink it first, or raise the pixel limit if you trust the file."
+        tr("Image {name} is too large to open safely ({dimensions}{value:.1f} megapixels; the limit is "
+           "{value2:.1f}). Shrink it first, or raise the pixel limit if you trust the file.", name=name,
+           dimensions=dimensions, value=pixels / 1e6, value2=limit / 1e6)
     )
 
 
@@ -135,7 +137,7 @@ def _too_large_from_pillow(error: Exception, name: str | Path) -> DatasetError:
     numbers = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(error))
     if numbers:
         return _too_large(name, int(numbers.group(1)), int(numbers.group(2)))
-    return DatasetError(f"Image {name} is too large to open safely ({error}).")
+    return DatasetError(tr("Image {name} is too large to open safely ({error}).", name=name, error=error))
 
 
 def to_rgb(image: Image.Image, background: Colour = WHITE) -> Image.Image:

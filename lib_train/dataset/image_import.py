@@ -31,6 +31,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from ..common.errors import ConfigError, DatasetError
+from ..common.i18n import tr
 from .captions import CAPTION_EXTENSIONS, read_caption
 from .image_clean import (
     DEFAULT_PIXEL_LIMIT,
@@ -71,19 +72,22 @@ class PrepareOptions:
 
     def __post_init__(self) -> None:
         if len(self.background) != 3 or not all(0 <= channel <= 255 for channel in self.background):
-            raise ConfigError(f"The background colour must be three values 0..255, got {self.background}.")
+            raise ConfigError(tr("The background colour must be three values 0..255, got {background}.",
+                                 background=self.background))
         if self.target_size is not None and (len(self.target_size) != 2 or min(self.target_size) < 1):
-            raise ConfigError(f"The picture size must be two positive numbers, got {self.target_size}.")
+            raise ConfigError(tr("The picture size must be two positive numbers, got {target_size}.",
+                                 target_size=self.target_size))
         for name, focus in self.crop_focus.items():
             if len(focus) != 2 or not all(0.0 <= value <= 1.0 for value in focus):
-                raise ConfigError(f"The crop focus of {name} must be two fractions between 0 and 1, got {focus}.")
-        positive = {"training resolution": self.training_resolution, "minimum side": self.min_side,
-                    "archive limit": self.archive_limit}
+                raise ConfigError(tr("The crop focus of {name} must be two fractions between 0 and 1, got {focus}.",
+                                     name=name, focus=focus))
+        positive = {tr("training resolution"): self.training_resolution, tr("minimum side"): self.min_side,
+                    tr("archive limit"): self.archive_limit}
         if self.max_side is not None:
-            positive["maximum side"] = self.max_side
+            positive[tr("maximum side")] = self.max_side
         for label, value in positive.items():
             if value < 1:
-                raise ConfigError(f"The {label} must be at least 1, got {value}.")
+                raise ConfigError(tr("The {label} must be at least 1, got {value}.", label=label, value=value))
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,11 @@ class ImportReport:
     stopped: bool = False
 
     def summary(self) -> str:
-        counts = (("skipped", self.skipped), ("failed", self.failed), ("warnings", self.warnings))
-        parts = [f"{len(self.imported)} imported"] + [f"{len(notes)} {label}" for label, notes in counts if notes]
-        return ", ".join(parts) + (" (stopped)" if self.stopped else "")
+        counts = ((tr("{count} skipped"), self.skipped), (tr("{count} failed"), self.failed),
+                  (tr("{count} warnings"), self.warnings))
+        parts = [tr("{count} imported", count=len(self.imported))]
+        parts += [template.format(count=len(notes)) for template, notes in counts if notes]
+        return ", ".join(parts) + (tr(" (stopped)") if self.stopped else "")
 
 
 class _Skip(Exception):
@@ -147,7 +153,7 @@ def import_pictures(
     image_keys = {image.pair_key for image in images}
     for key, by_suffix in captions.items():
         if key not in image_keys:
-            report.skipped.extend(FileNote(c.label, "no picture with the same name") for c in by_suffix.values())
+            report.skipped.extend(FileNote(c.label, tr("no picture with the same name")) for c in by_suffix.values())
     return report
 
 
@@ -181,7 +187,7 @@ def _gather(source: Path, open_archives: ExitStack, options: PrepareOptions, rep
                 found.append(_file_source(path, relative, group=str(source)))
         return found
     if not source.is_file():
-        report.failed.append(FileNote(source, "not found"))
+        report.failed.append(FileNote(source, tr("not found")))
         return []
     if source.suffix.lower() == ".zip":
         return _zip_members(source, PurePosixPath(source.stem), open_archives, options, report)
@@ -211,7 +217,7 @@ def _zip_members(
     try:
         archive = open_archives.enter_context(zipfile.ZipFile(archive_path))
     except (zipfile.BadZipFile, OSError) as error:
-        report.failed.append(FileNote(archive_path, f"not a readable zip archive ({error})"))
+        report.failed.append(FileNote(archive_path, tr("not a readable zip archive ({error})", error=error)))
         return []
     wanted_suffixes = readable_extensions() | set(CAPTION_EXTENSIONS)
     members: list[_Source] = []
@@ -220,23 +226,24 @@ def _zip_members(
             continue
         relative = _safe_member_path(info.filename)
         if relative is None:
-            report.failed.append(FileNote(archive_path, f"member {info.filename!r} has an unsafe path (absolute, "
-                                                        "with '..' or a drive); it was not extracted"))
+            report.failed.append(FileNote(archive_path, tr("member {filename!r} has an unsafe path (absolute, with "
+                                                           "'..' or a drive); it was not extracted",
+                                                           filename=info.filename)))
             continue
         if any(_hidden(part) for part in relative.parts):
             continue
         label = archive_path / relative
         if info.flag_bits & 0x1:
-            report.failed.append(FileNote(label, "encrypted; unpack the archive yourself and import the folder"))
+            report.failed.append(FileNote(label, tr("encrypted; unpack the archive yourself and import the folder")))
             continue
         read = functools.partial(archive.open, info)
         members.append(_Source(label, prefix / relative, str(archive_path), read, declared_size=info.file_size))
     # zipfile never unpacks more than a member's stated size (then fails its CRC), so this bound holds.
     unpacked = sum(m.declared_size or 0 for m in members if m.relative.suffix.lower() in wanted_suffixes)
     if unpacked > options.archive_limit:
-        report.failed.append(FileNote(archive_path, f"unpacks to {unpacked / 2**20:.0f} MiB, more than the "
-                                                    f"{options.archive_limit / 2**20:.0f} MiB allowed for one "
-                                                    "archive; refused as a possible zip bomb"))
+        report.failed.append(FileNote(archive_path, tr("unpacks to {value:.0f} MiB, more than the {value2:.0f} MiB "
+                                                       "allowed for one archive; refused as a possible zip bomb",
+                                                       value=unpacked / 2**20, value2=options.archive_limit / 2**20)))
         return []
     return members
 
@@ -267,7 +274,8 @@ def _sort_out(
             captions.setdefault(item.pair_key, {})[suffix] = item
         else:
             accepted = ", ".join(sorted(extensions | set(CAPTION_EXTENSIONS) | {".zip"}))
-            report.skipped.append(FileNote(item.label, f"not a picture, caption or zip ({accepted})"))
+            report.skipped.append(FileNote(item.label, tr("not a picture, caption or zip ({accepted})",
+                                                          accepted=accepted)))
     return pictures, captions
 
 
@@ -307,7 +315,8 @@ def _import_caption(caption: _Source, image_original: Path, picture: Path, repor
     try:
         text = read_caption(caption.path or kept)
     except DatasetError as error:
-        report.failed.append(FileNote(caption.label, f"{error} {picture.name} was imported without a caption."))
+        report.failed.append(FileNote(caption.label, tr("{error} {name} was imported without a caption.", error=error,
+                                                        name=picture.name)))
         return
     with _temporary_file(picture.parent, lambda out: out.write(text.encode("utf-8"))) as written:
         _claim(written, [picture.with_suffix(".txt")])
@@ -323,7 +332,8 @@ def _prepare(
     """The picture as it goes into pictures/, and warnings about it. Raises _Skip for a picture too small."""
     width, height = image.size
     if min(width, height) < options.min_side:
-        raise _Skip(f"only {width}x{height}; pictures need at least {options.min_side} px on each side")
+        raise _Skip(tr("only {width}x{height}; pictures need at least {min_side} px on each side", width=width,
+                       height=height, min_side=options.min_side))
     notes: list[str] = []
     enlarged_size = _enlarged_size(image.size, options)
     if enlarged_size is not None:
@@ -357,11 +367,14 @@ def _enlarged_size(size: tuple[int, int], options: PrepareOptions) -> tuple[int,
 
 
 def _small_picture_note(size: tuple[int, int], options: PrepareOptions) -> str:
-    advice = "it may look soft; turn on upscaling of small pictures to use an upscaler"
+    advice = tr("it may look soft; turn on upscaling of small pictures to use an upscaler")
     if options.target_size is not None:
         target_width, target_height = options.target_size
-        return f"{size[0]}x{size[1]} is smaller than {target_width}x{target_height} and was enlarged by resizing: {advice}"
-    return f"{size[0]}x{size[1]} is small for training at {options.training_resolution} px: {advice}"
+        return tr("{value}x{value2} is smaller than {target_width}x{target_height} and was enlarged by resizing: "
+                  "{advice}", value=size[0], value2=size[1], target_width=target_width, target_height=target_height,
+                  advice=advice)
+    return tr("{value}x{value2} is small for training at {training_resolution} px: {advice}", value=size[0],
+              value2=size[1], training_resolution=options.training_resolution, advice=advice)
 
 
 def _upscaled(
@@ -370,7 +383,8 @@ def _upscaled(
     try:
         result = to_rgb(upscale(image, *size), background)
     except Exception as error:  # the WebUI's upscalers fail in many ways (missing model, out of memory...)
-        notes.append(f"the upscaler failed ({error}); {image.width}x{image.height} was enlarged by resizing instead")
+        notes.append(tr("the upscaler failed ({error}); {width}x{height} was enlarged by resizing instead",
+                        error=error, width=image.width, height=image.height))
         return image
     # Upscalers work in fixed factors; land on the size asked for.
     return result if result.size == size else result.resize(size, Image.Resampling.LANCZOS)
@@ -426,7 +440,7 @@ def clean_in_project(
             if name not in manifest.entries or not picture.is_file():
                 manifest.forget(name)
                 if names is not None:
-                    report.skipped.append(FileNote(picture, "not in pictures/, or not imported into this project"))
+                    report.skipped.append(FileNote(picture, tr("not in pictures/, or not imported into this project")))
                 continue
             try:
                 report.imported.append(_reprepare(picture, project, options, upscale, manifest, report))
@@ -449,14 +463,16 @@ def original_of(project: ProjectFolders, picture_name: str) -> Path:
 
 def _original_path(project: ProjectFolders, manifest: _Manifest, picture_name: str) -> Path:
     if picture_name not in manifest.entries:
-        raise DatasetError(f"{picture_name} was not imported into this project ({manifest.path} does not list it), "
-                           "so it has no original to prepare again.")
+        raise DatasetError(tr("{picture_name} was not imported into this project ({path} does not list it), so it "
+                              "has no original to prepare again.", picture_name=picture_name, path=manifest.path))
     relative = manifest.entries[picture_name][0]
     original = (project.originals / relative).resolve()
     if not original.is_relative_to(project.originals.resolve()):
-        raise DatasetError(f"{manifest.path} points {picture_name} outside originals/ ({relative}); not used.")
+        raise DatasetError(tr("{path} points {picture_name} outside originals/ ({relative}); not used.",
+                              path=manifest.path, picture_name=picture_name, relative=relative))
     if not original.is_file():
-        raise DatasetError(f"The original of {picture_name} ({original}) is missing.")
+        raise DatasetError(tr("The original of {picture_name} ({original}) is missing.", picture_name=picture_name,
+                              original=original))
     return original
 
 
@@ -476,7 +492,8 @@ def _reprepare(
     data, suffix = _encoded(prepared)
     target = picture.with_suffix(suffix)
     if target != picture and target.exists():
-        raise DatasetError(f"Cannot re-make {picture.name} as {target.name}: that file already exists.")
+        raise DatasetError(tr("Cannot re-make {name} as {name2}: that file already exists.", name=picture.name,
+                              name2=target.name))
     with _temporary_file(picture.parent, lambda out: out.write(data)) as written:
         os.replace(written, target)  # pictures/ is derived from originals/: replacing a picture is safe
     if target != picture:
@@ -497,7 +514,8 @@ def _copy_unpacking(source: _Source, out: BinaryIO) -> None:
             while chunk := data.read(_COPY_CHUNK):
                 out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise DatasetError(f"{source.label} cannot be unpacked; the archive is damaged ({error}).") from None
+        raise DatasetError(tr("{label} cannot be unpacked; the archive is damaged ({error}).", label=source.label,
+                              error=error)) from None
 
 
 @contextmanager
@@ -536,7 +554,7 @@ def _claim(temporary: Path, candidates: Iterable[Path]) -> Path:
                 continue
             os.replace(temporary, candidate)
             return candidate
-    raise DatasetError(f"Cannot write {temporary.parent}: every name tried already exists.")
+    raise DatasetError(tr("Cannot write {parent}: every name tried already exists.", parent=temporary.parent))
 
 
 class _Manifest:
@@ -556,8 +574,8 @@ class _Manifest:
             raw = json.loads(path.read_text(encoding="utf-8"))["pictures"]
             entries = {name: (str(e["original"]), tuple(e["focus"]) if e["focus"] else None) for name, e in raw.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DatasetError(f"{path} is damaged ({error!r}); delete it to import again "
-                               "(pictures already imported can then no longer be re-made from originals).") from None
+            raise DatasetError(tr("{path} is damaged ({error!r}); delete it to import again (pictures already "
+                                  "imported can then no longer be re-made from originals).", path=path, error=error)) from None
         return cls(path, entries)
 
     def record(self, picture_name: str, original: str, focus: Focus | None) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..common.errors import DatasetError
+from ..common.i18n import N_, tr
 
 if TYPE_CHECKING:  # training_data builds its epochs with the functions below
     from .training_data import FolderScan, ImageRecord
 
-REG_FOLDER_KIND = "Regularization folder"
+REG_FOLDER_KIND = N_("Regularization folder")
 
 
 def check_separate_folders(reg_dir: str | Path, train_dir: str | Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..common.errors import DatasetError
+from ..common.i18n import N_, tr
 from ..hosts.protocol import SizeCondition
 from .buckets import (
     BucketChoice,
@@ -78,7 +79,8 @@ class FolderScan:
     unusable: list[str]  # one message per picture that cannot be used (damaged image, undecodable caption)
 
     def unusable_report(self) -> str:
-        return (f"{len(self.unusable)} file(s) in the training folder cannot be used:\n"
+        return (tr("{count_unusable} file(s) in the training folder cannot be used:\n",
+                   count_unusable=len(self.unusable))
                 + "\n".join(f"- {problem}" for problem in self.unusable))
 
 
@@ -91,7 +93,7 @@ def scan_training_folder(root: str | Path, default_repeats: int) -> list[ImageRe
     return scan.records
 
 
-def survey_training_folder(root: str | Path, default_repeats: int, kind: str = "Training folder") -> FolderScan:
+def survey_training_folder(root: str | Path, default_repeats: int, kind: str = N_("Training folder")) -> FolderScan:
     """The usable training images and the files that cannot be used, nothing modified.
 
     Either `<N>_<name>` subfolders (N repeats each, caption fallback `name`) or images directly in
@@ -100,9 +102,9 @@ def survey_training_folder(root: str | Path, default_repeats: int, kind: str = "
     """
     root = Path(root).resolve()
     if not root.exists():
-        raise DatasetError(f"{kind} not found: {root}")
+        raise DatasetError(tr("{kind} not found: {root}", kind=tr(kind), root=root))
     if not root.is_dir():
-        raise DatasetError(f"{kind} {root} is not a folder.")
+        raise DatasetError(tr("{kind} {root} is not a folder.", kind=tr(kind), root=root))
 
     root_images = images_in(root)
     groups: list[tuple[Path, int, str, list[Path]]] = []  # (folder, repeats, class token, images)
@@ -113,28 +115,30 @@ def survey_training_folder(root: str | Path, default_repeats: int, kind: str = "
         match = REPEATS_PREFIX.match(folder.name)
         if not match:
             raise DatasetError(
-                f"Subfolder {folder} contains images but its name does not start with a repeat count. "
-                f"Rename it to e.g. '10_{folder.name}' (10 repeats per epoch), or move it out of the training folder."
+                tr("Subfolder {folder} contains images but its name does not start with a repeat count. Rename it "
+                   "to e.g. '10_{name}' (10 repeats per epoch), or move it out of the training folder.",
+                   folder=folder, name=folder.name)
             )
         repeats = int(match.group(1))
         if repeats < 1:
             raise DatasetError(
-                f"Subfolder {folder} has a repeat count of {repeats}; the number before '_' must be at least 1."
+                tr("Subfolder {folder} has a repeat count of {repeats}; the number before '_' must be at least 1.",
+                   folder=folder, repeats=repeats)
             )
         groups.append((folder, repeats, match.group(2), images))
 
     if root_images and groups:
         raise DatasetError(
-            f"{kind} {root} has images both directly inside it and in '<N>_<name>' subfolders "
-            f"({', '.join(g[0].name for g in groups)}). Move the loose images into a subfolder, or the "
-            f"subfolders' images up into the folder."
+            tr("{kind} {root} has images both directly inside it and in '<N>_<name>' subfolders ({value}). "
+               "Move the loose images into a subfolder, or the subfolders' images up into the folder.",
+               kind=tr(kind), root=root, value=', '.join(g[0].name for g in groups))
         )
     if root_images:
         groups = [(root, default_repeats, "", root_images)]
     if not groups:
         raise DatasetError(
-            f"No images found in {root}. Accepted extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}. "
-            f"Put the images in the folder itself, or in subfolders named like '10_<name>'."
+            tr("No images found in {root}. Accepted extensions: {value}. Put the images in the folder itself, or in "
+               "subfolders named like '10_<name>'.", root=root, value=', '.join(sorted(IMAGE_EXTENSIONS)))
         )
 
     records: list[ImageRecord] = []
@@ -248,7 +252,8 @@ class TrainingData:
         ]
         if too_small:
             raise DatasetError(
-                f"With 'no upscale' buckets every image side must be at least {step} px; these are smaller:\n"
+                tr("With 'no upscale' buckets every image side must be at least {step} px; these are smaller:\n",
+                   step=step)
                 + "\n".join(too_small)
             )
         return choices

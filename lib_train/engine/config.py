@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..dataset.training_data import ImageRecord, TrainingData
 from ..hosts.protocol import PredictionType
 from .loss import HUBER_SCHEDULES, LOSS_TYPES, Objective
@@ -140,57 +141,67 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
-        need(bool(self.name.strip()), "Give the LoRA a name.")
-        need(bool(self.train_dir), "Choose the training folder.")
-        need(bool(self.output_dir), "Choose the output folder.")
+        need(bool(self.name.strip()), tr("Give the LoRA a name."))
+        need(bool(self.train_dir), tr("Choose the training folder."))
+        need(bool(self.output_dir), tr("Choose the output folder."))
         need(self.resolution >= 64 and self.resolution % 64 == 0,
-             f"Resolution must be a multiple of 64 and at least 64 (got {self.resolution}).")
+             tr("Resolution must be a multiple of 64 and at least 64 (got {resolution}).", resolution=self.resolution))
         need(self.bucket_reso_steps % 64 == 0 and self.bucket_reso_steps > 0,
-             f"Bucket step must be a multiple of 64 (got {self.bucket_reso_steps}).")
+             tr("Bucket step must be a multiple of 64 (got {bucket_reso_steps}).",
+                bucket_reso_steps=self.bucket_reso_steps))
         need(not self.enable_buckets or 64 <= self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
-             f"Bucket sizes must satisfy 64 <= min ({self.min_bucket_reso}) <= resolution "
-             f"({self.resolution}) <= max ({self.max_bucket_reso}).")
-        need(self.repeats >= 1, f"Repeats must be at least 1 (got {self.repeats}).")
-        need(self.keep_tokens >= 0, "Keep tokens cannot be negative.")
-        need(0.0 <= self.caption_dropout_rate < 1.0, "Caption dropout must be in [0, 1).")
+             tr("Bucket sizes must satisfy 64 <= min ({min_bucket_reso}) <= resolution ({resolution}) <= max "
+                "({max_bucket_reso}).", min_bucket_reso=self.min_bucket_reso, resolution=self.resolution,
+                max_bucket_reso=self.max_bucket_reso))
+        need(self.repeats >= 1, tr("Repeats must be at least 1 (got {repeats}).", repeats=self.repeats))
+        need(self.keep_tokens >= 0, tr("Keep tokens cannot be negative."))
+        need(0.0 <= self.caption_dropout_rate < 1.0, tr("Caption dropout must be in [0, 1)."))
         need(0.0 <= self.caption_tag_dropout_rate < 1.0,
-             f"Tag dropout must be in [0, 1) (got {self.caption_tag_dropout_rate}).")
-        need(1 <= self.clip_skip <= 12, f"Clip skip must be between 1 and 12 (got {self.clip_skip}).")
-        need(self.rank >= 1, f"Rank must be at least 1 (got {self.rank}).")
-        need(self.alpha > 0, f"Alpha must be positive (got {self.alpha}).")
-        need(self.conv_rank >= 0, "Conv rank cannot be negative.")
-        need(self.conv_rank == 0 or self.conv_alpha > 0, "Conv alpha must be positive.")
+             tr("Tag dropout must be in [0, 1) (got {caption_tag_dropout_rate}).",
+                caption_tag_dropout_rate=self.caption_tag_dropout_rate))
+        need(1 <= self.clip_skip <= 12, tr("Clip skip must be between 1 and 12 (got {clip_skip}).",
+                                           clip_skip=self.clip_skip))
+        need(self.rank >= 1, tr("Rank must be at least 1 (got {rank}).", rank=self.rank))
+        need(self.alpha > 0, tr("Alpha must be positive (got {alpha}).", alpha=self.alpha))
+        need(self.conv_rank >= 0, tr("Conv rank cannot be negative."))
+        need(self.conv_rank == 0 or self.conv_alpha > 0, tr("Conv alpha must be positive."))
         self._validate_network_type(need)
-        need(self.epochs >= 1, f"Epochs must be at least 1 (got {self.epochs}).")
-        need(self.batch_size >= 1, f"Batch size must be at least 1 (got {self.batch_size}).")
+        need(self.epochs >= 1, tr("Epochs must be at least 1 (got {epochs}).", epochs=self.epochs))
+        need(self.batch_size >= 1, tr("Batch size must be at least 1 (got {batch_size}).", batch_size=self.batch_size))
         self._check_optimisation(need)
-        need(self.gradient_accumulation_steps >= 1, "Gradient accumulation must be at least 1.")
-        need(self.max_grad_norm >= 0, "Max gradient norm cannot be negative (0 turns clipping off).")
-        need(self.min_snr_gamma >= 0, "Min-SNR gamma cannot be negative (0 turns it off).")
-        need(0 <= self.noise_offset < 1, "Noise offset must be in [0, 1).")
+        need(self.gradient_accumulation_steps >= 1, tr("Gradient accumulation must be at least 1."))
+        need(self.max_grad_norm >= 0, tr("Max gradient norm cannot be negative (0 turns clipping off)."))
+        need(self.min_snr_gamma >= 0, tr("Min-SNR gamma cannot be negative (0 turns it off)."))
+        need(0 <= self.noise_offset < 1, tr("Noise offset must be in [0, 1)."))
         need(self.mixed_precision in MIXED_PRECISIONS,
-             f"Mixed precision must be one of {', '.join(MIXED_PRECISIONS)}.")
+             tr("Mixed precision must be one of {value}.", value=', '.join(MIXED_PRECISIONS)))
         self._validate_loss_and_noise(need)
         self._validate_regularization_and_samples(need)
-        need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
+        need(self.save_every_n_epochs >= 0, tr("Save every N epochs cannot be negative."))
         need(self.save_precision in SAVE_PRECISIONS,
-             f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
+             tr("Save precision must be one of {value}.", value=', '.join(SAVE_PRECISIONS)))
         return self
 
     def _validate_loss_and_noise(self, need) -> None:
-        need(self.loss_type in LOSS_TYPES, f"Loss type must be one of {', '.join(LOSS_TYPES)} (got {self.loss_type!r}).")
+        need(self.loss_type in LOSS_TYPES, tr("Loss type must be one of {value} (got {loss_type!r}).",
+                                              value=', '.join(LOSS_TYPES), loss_type=self.loss_type))
         need(self.huber_schedule in HUBER_SCHEDULES,
-             f"Huber schedule must be one of {', '.join(HUBER_SCHEDULES)} (got {self.huber_schedule!r}).")
-        need(math.isfinite(self.huber_c) and self.huber_c > 0, f"Huber c must be positive (got {self.huber_c}).")
+             tr("Huber schedule must be one of {value} (got {huber_schedule!r}).", value=', '.join(HUBER_SCHEDULES),
+                huber_schedule=self.huber_schedule))
+        need(math.isfinite(self.huber_c) and self.huber_c > 0, tr("Huber c must be positive (got {huber_c}).",
+                                                                  huber_c=self.huber_c))
         need(math.isfinite(self.huber_scale) and self.huber_scale > 0,
-             f"Huber scale must be positive (got {self.huber_scale}).")
-        need(self.multires_noise_iterations >= 0, "Multires noise iterations cannot be negative (0 turns it off).")
+             tr("Huber scale must be positive (got {huber_scale}).", huber_scale=self.huber_scale))
+        need(self.multires_noise_iterations >= 0, tr("Multires noise iterations cannot be negative (0 turns it off)."))
         need(0 < self.multires_noise_discount <= 1,
-             f"Multires noise discount must be in (0, 1] (got {self.multires_noise_discount}).")
-        need(0 <= self.ip_noise_gamma <= 1, f"Input perturbation noise gamma must be in [0, 1] (got {self.ip_noise_gamma}).")
-        for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), ("LoRA+ UNet ratio", self.loraplus_unet_lr_ratio),
-                             ("LoRA+ text encoder ratio", self.loraplus_text_encoder_lr_ratio)):
-            need(math.isfinite(ratio) and ratio >= 0, f"{label} cannot be negative (0 turns it off; got {ratio}).")
+             tr("Multires noise discount must be in (0, 1] (got {multires_noise_discount}).",
+                multires_noise_discount=self.multires_noise_discount))
+        need(0 <= self.ip_noise_gamma <= 1, tr("Input perturbation noise gamma must be in [0, 1] (got "
+                                               "{ip_noise_gamma}).", ip_noise_gamma=self.ip_noise_gamma))
+        for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), (tr("LoRA+ UNet ratio"), self.loraplus_unet_lr_ratio),
+                             (tr("LoRA+ text encoder ratio"), self.loraplus_text_encoder_lr_ratio)):
+            need(math.isfinite(ratio) and ratio >= 0, tr("{label} cannot be negative (0 turns it off; got {ratio}).",
+                                                         label=label, ratio=ratio))
 
     def _validate_regularization_and_samples(self, need) -> None:
         need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
@@ -219,18 +230,18 @@ class TrainConfig:
                          self.huber_scale, self.min_snr_gamma, self.debiased_estimation_loss)
 
     def _validate_network_type(self, need) -> None:
-        need(self.network_type in NETWORK_TYPES, f"Network type must be one of {', '.join(NETWORK_TYPES)} "
-             f"(got {self.network_type!r}).")
+        need(self.network_type in NETWORK_TYPES, tr("Network type must be one of {value} (got {network_type!r}).",
+                                                    value=', '.join(NETWORK_TYPES), network_type=self.network_type))
         need(self.network_type != "locon" or self.conv_rank > 0,
-             "LoCon also trains the 3x3 convolutions: give it a conv rank above 0, or choose LoRA.")
+             tr("LoCon also trains the 3x3 convolutions: give it a conv rank above 0, or choose LoRA."))
         need(not self.dora or self.network_type in ("lora", "locon"),
-             f"DoRA (weight decomposition) applies to LoRA and LoCon only, not to "
-             f"{LABELS.get(self.network_type)}: turn DoRA off or choose LoRA/LoCon.")
+             tr("DoRA (weight decomposition) applies to LoRA and LoCon only, not to {value}: turn DoRA off or "
+                "choose LoRA/LoCon.", value=LABELS.get(self.network_type)))
         need(self.network_type == "lokr" or (self.lokr_factor == -1 and not self.decompose_both),
-             "LoKr factor and decompose-both apply to LoKr only: choose LoKr, or set the factor back to -1 and "
-             "turn decompose-both off.")
+             tr("LoKr factor and decompose-both apply to LoKr only: choose LoKr, or set the factor back to -1 and "
+                "turn decompose-both off."))
         need(self.lokr_factor == -1 or self.lokr_factor >= 1,
-             f"LoKr factor must be -1 (automatic) or at least 1 (got {self.lokr_factor}).")
+             tr("LoKr factor must be -1 (automatic) or at least 1 (got {lokr_factor}).", lokr_factor=self.lokr_factor))
 
     def warmup_steps(self, total_steps: int) -> int:
         return warmup_steps(self.lr_warmup_steps, self.lr_warmup_ratio, total_steps)
@@ -243,35 +254,39 @@ class TrainConfig:
     def _check_optimisation(self, need) -> None:
         """Learning rates that fit the optimizer (adaptive ones take ≈1.0), its arguments, the schedule."""
         kind = optimizer_kind(self.optimizer)
-        lrs = (("UNet", self.unet_lr), ("Text encoder", self.text_encoder_lr))
-        need(all(math.isfinite(lr) and lr >= 0 for _, lr in lrs), f"The learning rates must be finite and not negative "
-             f"(got UNet {self.unet_lr}, text encoder {self.text_encoder_lr}).")
-        need(self.unet_lr > 0, "The UNet learning rate must be positive.")
+        lrs = (("UNet", self.unet_lr), (tr("Text encoder"), self.text_encoder_lr))
+        need(all(math.isfinite(lr) and lr >= 0 for _, lr in lrs), tr("The learning rates must be finite and not "
+                                                                     "negative (got UNet {unet_lr}, text encoder "
+                                                                     "{text_encoder_lr}).", unet_lr=self.unet_lr,
+                                                                     text_encoder_lr=self.text_encoder_lr))
+        need(self.unet_lr > 0, tr("The UNet learning rate must be positive."))
         if kind.adaptive:
             need(0.1 <= self.unet_lr <= 10,
-                 f"{kind.name} estimates its own step size: the learning rate multiplies that estimate and is 1.0 by "
-                 f"convention (0.5-2 to lean lower or higher), so {self.unet_lr:g} would shrink every step "
-                 f"{1 / self.unet_lr:.0f}-fold. Set the UNet learning rate to 1.0 (to find a rate for AdamW, use "
-                 "Find learning rate).")
+                 tr("{name} estimates its own step size: the learning rate multiplies that estimate and is 1.0 by "
+                    "convention (0.5-2 to lean lower or higher), so {unet_lr:g} would shrink every step "
+                    "{value:.0f}-fold. Set the UNet learning rate to 1.0 (to find a rate for AdamW, use Find "
+                    "learning rate).", name=kind.name, unet_lr=self.unet_lr, value=1 / self.unet_lr))
             need(self.text_encoder_lr in (0, self.unet_lr),
-                 f"{kind.name} takes one learning rate for everything it trains: give the text encoder the UNet's "
-                 f"({self.unet_lr:g}), or 0 to train the UNet only.")
+                 tr("{name} takes one learning rate for everything it trains: give the text encoder the UNet's "
+                    "({unet_lr:g}), or 0 to train the UNet only.", name=kind.name, unet_lr=self.unet_lr))
         else:
             for label, lr in lrs:
-                need(lr < 1, f"{label} learning rate must be below 1 for {kind.name} (got {lr:g}); 1.0 is the "
-                     "convention of the adaptive optimizers (Prodigy, DAdaptAdam).")
+                need(lr < 1, tr("{label} learning rate must be below 1 for {name} (got {lr:g}); 1.0 is the "
+                                "convention of the adaptive optimizers (Prodigy, DAdaptAdam).", label=label,
+                                name=kind.name, lr=lr))
         kind.check_arguments(self.optimizer_args)
-        need(self.lr_scheduler in SCHEDULERS, f"Scheduler must be one of {', '.join(SCHEDULERS)}.")
+        need(self.lr_scheduler in SCHEDULERS, tr("Scheduler must be one of {value}.", value=', '.join(SCHEDULERS)))
         need(not kind.schedule_free or self.lr_scheduler == "constant",
-             f"{kind.name} replaces the learning-rate schedule: choose the constant scheduler (Advanced → Optimizer); "
-             "its warmup is the warmup setting.")
-        need(self.lr_warmup_steps >= 0, "Warmup steps cannot be negative.")
-        need(0 <= self.lr_warmup_ratio < 1, f"Warmup ratio must be in [0, 1) (got {self.lr_warmup_ratio}).")
+             tr("{name} replaces the learning-rate schedule: choose the constant scheduler (Advanced → Optimizer); "
+                "its warmup is the warmup setting.", name=kind.name))
+        need(self.lr_warmup_steps >= 0, tr("Warmup steps cannot be negative."))
+        need(0 <= self.lr_warmup_ratio < 1, tr("Warmup ratio must be in [0, 1) (got {lr_warmup_ratio}).",
+                                               lr_warmup_ratio=self.lr_warmup_ratio))
         need(not (self.lr_warmup_ratio > 0 and self.lr_warmup_steps > 0),
-             "Give the warmup as steps or as a ratio of the steps, not both.")
-        need(self.lr_scheduler_num_cycles >= 1, "Scheduler cycles must be at least 1.")
-        need(self.lr_scheduler_power > 0, "Scheduler power must be positive.")
-        need(self.lr_finder_steps >= 1, "The learning-rate finder needs at least 1 step.")
+             tr("Give the warmup as steps or as a ratio of the steps, not both."))
+        need(self.lr_scheduler_num_cycles >= 1, tr("Scheduler cycles must be at least 1."))
+        need(self.lr_scheduler_power > 0, tr("Scheduler power must be positive."))
+        need(self.lr_finder_steps >= 1, tr("The learning-rate finder needs at least 1 step."))
 
     def training_data(self, records: Sequence[ImageRecord]) -> TrainingData:
         """The records in this run's buckets, batches, caption handling and seed."""
@@ -305,7 +320,7 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}.")
+            raise ConfigError(tr("Unknown setting(s): {value}.", value=', '.join(unknown)))
         converted = {}
         for key, value in values.items():
             default = known[key].default
@@ -314,7 +329,8 @@ class TrainConfig:
             try:
                 converted[key] = _coerce(value, type(default))
             except (TypeError, ValueError):
-                raise ConfigError(f"Setting '{key}' must be {type(default).__name__}, got {value!r}.") from None
+                raise ConfigError(tr("Setting '{key}' must be {kind}, got {value!r}.", key=key,
+                                     kind=type(default).__name__, value=value)) from None
         return cls(**converted)
 
     @classmethod
@@ -328,9 +344,9 @@ class TrainConfig:
             with path.open("rb") as handle:
                 values = tomllib.load(handle)
         except FileNotFoundError:
-            raise ConfigError(f"Config file not found: {path}") from None
+            raise ConfigError(tr("Config file not found: {path}", path=path)) from None
         except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
+            raise ConfigError(tr("Config file {path} is not valid TOML: {error}", path=path, error=error)) from None
         # Relative folders in a config file are relative to the file, not to the working directory.
         for key in ("train_dir", "output_dir", "reg_dir"):
             if key in values and values[key] and not Path(values[key]).is_absolute():
@@ -386,14 +402,14 @@ def parse_key_values(text: str) -> dict[str, Any]:
         elif depth == 0 and (index == 0 or text[index - 1] in " \t\n,") and _KEY.match(text, index):
             starts.append(index)
     if text[:starts[0] if starts else len(text)].strip(" \t\n,"):
-        raise ConfigError(f"Cannot read the optimizer arguments {text.strip()!r}: write key=value pairs, "
-                          "e.g. d_coef=0.5 betas=(0.9, 0.99).")
+        raise ConfigError(tr("Cannot read the optimizer arguments {value!r}: write key=value pairs, e.g. d_coef=0.5 "
+                             "betas=(0.9, 0.99).", value=text.strip()))
     values: dict[str, Any] = {}
     for start, end in zip(starts, [*starts[1:], len(text)]):
         match = _KEY.match(text, start)
         key, raw = match.group(1), text[match.end():end].strip(" \t\n,")
         if key in values:
-            raise ConfigError(f"Optimizer argument '{key}' is given twice.")
+            raise ConfigError(tr("Optimizer argument '{key}' is given twice.", key=key))
         values[key] = _literal_value(_read_literal(key, raw))
     return values
 
@@ -405,8 +421,8 @@ def _read_literal(key: str, raw: str) -> Any:
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"Optimizer argument '{key}': cannot read {raw!r} (give a number, True/False, a quoted "
-                          "string or a tuple such as (0.9, 0.99)).") from None
+        raise ConfigError(tr("Optimizer argument '{key}': cannot read {raw!r} (give a number, True/False, a quoted "
+                             "string or a tuple such as (0.9, 0.99)).", key=key, raw=raw)) from None
 
 
 def _literal_value(value: Any) -> Any:

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from ..common.errors import ConfigError, TrainingDiverged
+from ..common.i18n import N_, tr
 from ..common.tensor_store import CacheFolder, CacheReport
 from ..hosts.protocol import Progress, TrainingHost
 from .config import TrainConfig
@@ -21,7 +22,7 @@ from .steps import StopRequested, check_run, epoch_steps, start_run, usable_pict
 # No bias correction and no warmup safeguard: both are for long runs with a warmup, and they hold d near its
 # start for hundreds of steps, longer than a probe runs. Without them d·lr is the rate of Adam past its first steps.
 _PROBE_ARGUMENTS = {"Prodigy": {"use_bias_correction": False, "safeguard_warmup": False}, "DAdaptAdam": {}}
-_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}
+_NAMES = {"unet": "UNet", "text_encoder": N_("text encoder")}
 # Still growing: the estimate rose by more than this over the last fifth of the probe.
 _GROWTH_LEFT = 1.1
 # Not moved: a part whose estimate stayed within this factor of its start value found nothing (no gradient signal
@@ -58,21 +59,23 @@ class LearningRateFinding:
         return [part for part, rate in self.learning_rates.items() if rate > _GROWTH_LEFT * earlier[part]]
 
     def summary(self) -> str:
-        rates = ", ".join(f"{_NAMES[part]} {rate:.2e}" for part, rate in self.learning_rates.items())
-        text = (f"{'Stopped after' if self.stopped else 'After'} {self.steps} of {self.total_steps} steps, "
-                f"{self.optimizer} estimated: {rates} (d·lr).")
+        rates = ", ".join(f"{tr(_NAMES[part])} {rate:.2e}" for part, rate in self.learning_rates.items())
+        facts = dict(steps=self.steps, total_steps=self.total_steps, optimizer=self.optimizer, rates=rates)
+        text = (tr("Stopped after {steps} of {total_steps} steps, {optimizer} estimated: {rates} (d·lr).", **facts)
+                if self.stopped else tr("After {steps} of {total_steps} steps, {optimizer} estimated: {rates} (d·lr).",
+                                        **facts))
         if self.stopped:
-            return text + " A stopped probe underestimates: run it to the end before using these."
+            return text + tr(" A stopped probe underestimates: run it to the end before using these.")
         found = self.found
-        unmoved = [_NAMES[part] for part in self.learning_rates if part not in found]
+        unmoved = [tr(_NAMES[part]) for part in self.learning_rates if part not in found]
         if unmoved:
-            text += (f" The {' and '.join(unmoved)} estimate never left its start value: no rate found for it, "
-                     "keep yours (or probe with more steps or pictures).")
-        growing = [_NAMES[part] for part in self.still_growing if part in found]
+            text += tr(" The {parts} estimate never left its start value: no rate found for it, keep yours (or probe "
+                       "with more steps or pictures).", parts=tr(" and ").join(unmoved))
+        growing = [tr(_NAMES[part]) for part in self.still_growing if part in found]
         if growing:
-            text += (f" The {' and '.join(growing)} estimate was still growing: more steps (Learning-rate finder "
-                     "steps) give a higher, steadier number.")
-        return text + (" Train with AdamW or AdamW8bit at the rates found." if found else "")
+            text += tr(" The {parts} estimate was still growing: more steps (Learning-rate finder steps) give a "
+                       "higher, steadier number.", parts=tr(" and ").join(growing))
+        return text + (tr(" Train with AdamW or AdamW8bit at the rates found.") if found else "")
 
 
 def probe_optimizer() -> str:
@@ -83,8 +86,8 @@ def probe_optimizer() -> str:
             return name
         except ConfigError:
             continue
-    raise ConfigError("Finding the learning rate needs Prodigy (pip install prodigyopt) or D-Adaptation (pip install "
-                      "dadaptation); the WebUI installs both at its next start.")
+    raise ConfigError(tr("Finding the learning rate needs Prodigy (pip install prodigyopt) or D-Adaptation (pip "
+                         "install dadaptation); the WebUI installs both at its next start."))
 
 
 def probe_config(config: TrainConfig, optimizer: str) -> TrainConfig:
@@ -127,11 +130,12 @@ def find_learning_rate(host: TrainingHost, config: TrainConfig, cache: CacheFold
         except StopRequested:
             finding.stopped = True
         except TrainingDiverged:
-            reached = ", ".join(f"{_NAMES[part]} {rate:.2e}" for part, rate in finding.learning_rates.items())
+            reached = ", ".join(f"{tr(_NAMES[part])} {rate:.2e}" for part, rate in finding.learning_rates.items())
             raise TrainingDiverged(
-                f"The probe's loss became NaN or infinite at step {finding.steps + 1}: {finding.optimizer}'s estimate "
-                f"({reached}) overshot for these pictures and settings. Train well below it (a third, say), or probe "
-                "again with fewer steps; nothing was saved.") from None
+                tr("The probe's loss became NaN or infinite at step {value}: {optimizer}'s estimate ({reached}) "
+                   "overshot for these pictures and settings. Train well below it (a third, say), or probe again "
+                   "with fewer steps; nothing was saved.", value=finding.steps + 1, optimizer=finding.optimizer,
+                   reached=reached)) from None
         finally:
             run = data = None  # noqa: F841  (their memory is given back before the caller's next job)
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..common.errors import ConfigError
+from ..common.i18n import N_, tr
 
 # Set by their own settings (the learning-rate fields, weight decay), never through the optimizer arguments.
 _RESERVED = {"params": "", "lr": "set the learning-rate fields instead",
@@ -38,27 +39,30 @@ class OptimizerKind:
         try:
             return getattr(importlib.import_module(module), name)
         except Exception as error:  # a broken install (bitsandbytes without its CUDA library) raises more than ImportError
-            raise ConfigError(f"{self.name} needs the Python package {self.package}, which cannot be loaded here "
-                              f"({type(error).__name__}: {error}). Install it (pip install {self.package}; the WebUI "
-                              "installs it at its next start) or choose another optimizer.") from None
+            raise ConfigError(tr("{name} needs the Python package {package}, which cannot be loaded here ({kind}: "
+                                 "{error}). Install it (pip install {package}; the WebUI installs it at its next "
+                                 "start) or choose another optimizer.", name=self.name, package=self.package,
+                                 kind=type(error).__name__, error=error)) from None
 
     def check_arguments(self, arguments: dict[str, Any]) -> None:
         """Refuse arguments this optimizer does not take, reserved ones and changed fixed ones, naming them and what
         it accepts. The names are read from the class when its package is installed (otherwise building says so)."""
         for key, value in arguments.items():
             if key in _RESERVED:
-                raise ConfigError(f"Optimizer argument '{key}' is not set here: {_RESERVED[key] or 'it is internal'}.")
+                raise ConfigError(tr("Optimizer argument '{key}' is not set here: {value}.", key=key,
+                                     value=_RESERVED[key] or 'it is internal'))
             if key in self.fixed and value != self.fixed[key]:
-                raise ConfigError(f"{self.name} runs here with {key}={self.fixed[key]} (a fixed learning rate, as "
-                                  f"kohya recommends); {key}={value} is not supported.")
+                raise ConfigError(tr("{name} runs here with {key}={value} (a fixed learning rate, as kohya "
+                                     "recommends); {key}={value2} is not supported.", name=self.name, key=key,
+                                     value=self.fixed[key], value2=value))
         try:
             accepted = self.accepted_arguments()
         except ConfigError:
             return
         unknown = sorted(set(arguments) - accepted)
         if unknown:
-            raise ConfigError(f"{self.name} has no argument {', '.join(unknown)}; it accepts: "
-                              f"{', '.join(sorted(accepted))}.")
+            raise ConfigError(tr("{name} has no argument {value}; it accepts: {value2}.", name=self.name,
+                                 value=', '.join(unknown), value2=', '.join(sorted(accepted))))
 
     def accepted_arguments(self) -> set[str]:
         parameters = inspect.signature(self.load().__init__).parameters
@@ -69,25 +73,25 @@ class OptimizerKind:
 OPTIMIZER_KINDS: dict[str, OptimizerKind] = {kind.name: kind for kind in (
     OptimizerKind("AdamW", "torch.optim.adamw.AdamW", "torch"),
     OptimizerKind("AdamW8bit", "bitsandbytes.optim.adamw.AdamW8bit", "bitsandbytes", cuda_only=True,
-                  hint="AdamW with 8-bit state (a quarter of AdamW's memory); CUDA GPUs only."),
+                  hint=N_("AdamW with 8-bit state (a quarter of AdamW's memory); CUDA GPUs only.")),
     OptimizerKind("Lion", "lion_pytorch.lion_pytorch.Lion", "lion-pytorch",
-                  hint="Lion: take a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger."),
+                  hint=N_("Lion: take a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger.")),
     OptimizerKind("Lion8bit", "bitsandbytes.optim.lion.Lion8bit", "bitsandbytes", cuda_only=True,
-                  hint="Lion with 8-bit state; CUDA GPUs only. Learning rate 3-10x smaller than AdamW's."),
+                  hint=N_("Lion with 8-bit state; CUDA GPUs only. Learning rate 3-10x smaller than AdamW's.")),
     # The arguments Prodigy's authors recommend for diffusion models.
     OptimizerKind("Prodigy", "prodigyopt.prodigy.Prodigy", "prodigyopt", adaptive=True,
                   defaults={"decouple": True, "use_bias_correction": True, "safeguard_warmup": True},
-                  hint="Prodigy finds its own step size: learning rates 1.0 (d_coef=0.5 in the arguments leans lower)."),
+                  hint=N_("Prodigy finds its own step size: learning rates 1.0 (d_coef=0.5 in the arguments leans lower).")),
     OptimizerKind("DAdaptAdam", "dadaptation.dadapt_adam.DAdaptAdam", "dadaptation", adaptive=True,
                   defaults={"decouple": True},
-                  hint="D-Adaptation finds its own step size: learning rates 1.0."),
+                  hint=N_("D-Adaptation finds its own step size: learning rates 1.0.")),
     # kohya's recommended Adafactor for LoRA: a fixed learning rate, no parameter scaling, no warmup init.
     OptimizerKind("Adafactor", "transformers.optimization.Adafactor", "transformers",
                   defaults={"scale_parameter": False}, fixed={"relative_step": False, "warmup_init": False},
-                  hint="Adafactor with a fixed learning rate (kohya's arguments); constant_with_warmup suits it."),
+                  hint=N_("Adafactor with a fixed learning rate (kohya's arguments); constant_with_warmup suits it.")),
     OptimizerKind("AdamWScheduleFree", "schedulefree.adamw_schedulefree.AdamWScheduleFree", "schedulefree",
                   schedule_free=True,
-                  hint="Schedule-free AdamW: choose the constant scheduler; warmup steps go to the optimizer."),
+                  hint=N_("Schedule-free AdamW: choose the constant scheduler; warmup steps go to the optimizer.")),
 )}
 
 
@@ -95,7 +99,8 @@ def optimizer_kind(name: str) -> OptimizerKind:
     try:
         return OPTIMIZER_KINDS[name]
     except KeyError:
-        raise ConfigError(f"Optimizer must be one of {', '.join(OPTIMIZER_KINDS)} (got {name!r}).") from None
+        raise ConfigError(tr("Optimizer must be one of {value} (got {name!r}).", value=', '.join(OPTIMIZER_KINDS),
+                             name=name)) from None
 
 
 def optimizer_arguments(kind: OptimizerKind, weight_decay: float, user_arguments: dict[str, Any],
@@ -117,8 +122,8 @@ def describe_optimizer(kind: OptimizerKind, arguments: dict[str, Any]) -> str:
 def check_device(kind: OptimizerKind, device: torch.device) -> None:
     if kind.cuda_only and device.type != "cuda":
         alternative = "Lion" if kind.name.startswith("Lion") else "AdamW"
-        raise ConfigError(f"{kind.name} runs on a CUDA GPU only and this run is on the {device.type.upper()}; "
-                          f"choose {alternative}.")
+        raise ConfigError(tr("{name} runs on a CUDA GPU only and this run is on the {value}; choose {alternative}.",
+                             name=kind.name, value=device.type.upper(), alternative=alternative))
 
 
 def make_optimizer(kind: OptimizerKind, groups: list[dict], arguments: dict[str, Any],
@@ -135,8 +140,8 @@ def make_optimizer(kind: OptimizerKind, groups: list[dict], arguments: dict[str,
     try:
         optimizer = optimizer_class(groups, lr=groups[0]["lr"], **arguments, **internal)
     except (TypeError, ValueError, AssertionError, RuntimeError) as error:
-        raise ConfigError(f"{kind.name} refused its arguments ({describe_optimizer(kind, arguments)}): "
-                          f"{error or type(error).__name__}") from None
+        raise ConfigError(tr("{name} refused its arguments ({value}): {value2}", name=kind.name,
+                             value=describe_optimizer(kind, arguments), value2=error or type(error).__name__)) from None
     if kind.schedule_free:
         optimizer.train()
     return optimizer

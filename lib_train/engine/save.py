@@ -13,6 +13,7 @@ from safetensors.torch import save as serialize
 
 from ..common.errors import OutputError
 from ..common.files import check_output_name, write_atomically
+from ..common.i18n import tr
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,12 +32,13 @@ class OutputPlan:
     def create(cls, folder: str | Path, name: str, epochs: int, save_every_n_epochs: int, overwrite: bool) -> "OutputPlan":
         plan = cls(Path(folder), check_output_name(name), epochs, save_every_n_epochs, overwrite)
         if plan.folder.exists() and not plan.folder.is_dir():
-            raise OutputError(f"The output folder {plan.folder} is a file.")
+            raise OutputError(tr("The output folder {folder} is a file.", folder=plan.folder))
         if not overwrite:
             existing = [p.name for p in plan.all_paths() if p.exists()]
             if existing:
-                raise OutputError(f"{len(existing)} output file(s) already exist in {plan.folder}, e.g. {existing[0]}. "
-                                  "Choose another name or allow overwriting.")
+                raise OutputError(tr("{count_existing} output file(s) already exist in {folder}, e.g. {value}. "
+                                     "Choose another name or allow overwriting.", count_existing=len(existing),
+                                     folder=plan.folder, value=existing[0]))
         return plan
 
     def saves_after_epoch(self, epoch: int) -> bool:

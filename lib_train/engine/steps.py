@@ -15,6 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..common.errors import ConfigError, DatasetError, TrainingDiverged
+from ..common.i18n import tr
 from ..common.tensor_store import CacheFolder, CacheReport
 from ..dataset.latent_cache import LatentCache
 from ..dataset.regularization import REG_FOLDER_KIND, as_regularization, check_separate_folders
@@ -67,8 +68,8 @@ def check_run(host: TrainingHost, config: TrainConfig) -> torch.dtype | None:
     Returns the autocast dtype."""
     amp_dtype = _autocast_dtype(config, host)
     if config.zero_terminal_snr and host.prediction_type is not PredictionType.V:
-        raise ConfigError("Zero terminal SNR needs a v-prediction model (at SNR 0 there is no noise left to predict); "
-                          "the loaded model predicts noise (epsilon). Turn the option off.")
+        raise ConfigError(tr("Zero terminal SNR needs a v-prediction model (at SNR 0 there is no noise left to "
+                             "predict); the loaded model predicts noise (epsilon). Turn the option off."))
     kind = optimizer_kind(config.optimizer)
     check_device(kind, host.device)
     kind.load()
@@ -84,10 +85,11 @@ def usable_pictures(config: TrainConfig) -> FolderScan:
         reg = as_regularization(survey_training_folder(config.reg_dir, 1, kind=REG_FOLDER_KIND))
         scan = FolderScan(scan.records + reg.records, scan.unusable + reg.unusable)
     if scan.unusable and not scan.records:
-        raise DatasetError(scan.unusable_report() + "\nNo picture of the folder can be used.")
+        raise DatasetError(scan.unusable_report() + tr("\nNo picture of the folder can be used."))
     if scan.unusable and not config.skip_unusable_files:
-        raise DatasetError(scan.unusable_report() + f"\nFix or remove them, or choose 'Skip unusable files' to train "
-                           f"on the other {len(scan.records)} picture(s) (nothing is modified).")
+        raise DatasetError(scan.unusable_report() + tr("\nFix or remove them, or choose 'Skip unusable files' to "
+                                                       "train on the other {count_records} picture(s) (nothing is "
+                                                       "modified).", count_records=len(scan.records)))
     return scan
 
 
@@ -159,8 +161,9 @@ def epoch_steps(host: TrainingHost, config: TrainConfig, run: Run, data: Trainin
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
-                f"The loss became {loss_value} at step {steps_before + done + 1} (epoch {epoch}); training stopped. "
-                f"{_divergence_advice(config, run.amp_dtype)} Files saved before are kept.")
+                tr("The loss became {loss_value} at step {value} (epoch {epoch}); training stopped. {value2} Files "
+                   "saved before are kept.", loss_value=loss_value, value=steps_before + done + 1, epoch=epoch,
+                   value2=_divergence_advice(config, run.amp_dtype)))
         loss = loss / config.gradient_accumulation_steps
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss_value / config.gradient_accumulation_steps
@@ -205,7 +208,8 @@ def cache_latents(host: TrainingHost, data: TrainingData, cache: CacheFolder | N
     def on_progress(done: int, total: int) -> None:
         if host.should_stop():
             raise StopRequested
-        host.report(Progress("caching", done, total, message=f"Encoding images {done}/{total}"))
+        host.report(Progress("caching", done, total, message=tr("Encoding images {done}/{total}", done=done,
+                                                                total=total)))
 
     stored = LatentCache(cache.latents, host.vae_identity(), report, cache.masks) if cache is not None else None
     data.cache_latents(host.encode_images, host.device, on_progress, cache=stored)
@@ -222,7 +226,7 @@ def caption_conditioning(host: TrainingHost, config: TrainConfig, cache: CacheFo
 def _autocast_dtype(config: TrainConfig, host: TrainingHost) -> torch.dtype | None:
     requested = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     if requested is torch.float16 and host.device.type != "cuda":
-        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on the CPU choose bf16 or no.")
+        raise ConfigError(tr("fp16 mixed precision needs a CUDA GPU; on the CPU choose bf16 or no."))
     if requested is None and host.dtype != torch.float32:
         return host.dtype  # half-precision weights (the WebUI on a GPU) only run under autocast
     return requested
@@ -232,12 +236,12 @@ def _divergence_advice(config: TrainConfig, amp_dtype: torch.dtype | None) -> st
     """What can help, for the precision this run computed in."""
     if amp_dtype is torch.float16:
         if config.mixed_precision == "fp16":
-            return "Lower the learning rate, or choose bf16 or no mixed precision: fp16 overflows easily."
-        return ("The loaded model runs in fp16 (the WebUI's half precision): lower the learning rate, or choose "
-                "bf16 mixed precision if the GPU has it.")
+            return tr("Lower the learning rate, or choose bf16 or no mixed precision: fp16 overflows easily.")
+        return (tr("The loaded model runs in fp16 (the WebUI's half precision): lower the learning rate, or choose "
+                   "bf16 mixed precision if the GPU has it."))
     if amp_dtype is torch.bfloat16:
-        return "Lower the learning rate, or choose no mixed precision (fp32)."
-    return "The run was already in full precision (fp32): lower the learning rate."
+        return tr("Lower the learning rate, or choose no mixed precision (fp32).")
+    return tr("The run was already in full precision (fp32): lower the learning rate.")
 
 
 def _grad_scaler():

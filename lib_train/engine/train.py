@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.i18n import tr
 from ..common.tensor_store import CacheFolder, CacheReport
 from ..hosts.protocol import Progress, TrainingHost
 from .config import TrainConfig
@@ -51,7 +52,8 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     steps_per_epoch = math.ceil(data.num_batches_per_epoch / config.gradient_accumulation_steps)
     result = TrainResult(total_steps=steps_per_epoch * config.epochs, skipped_files=scan.unusable)
     if scan.unusable:
-        host.report(Progress("caching", message=f"Skipping {len(scan.unusable)} unusable file(s); nothing was modified."))
+        host.report(Progress("caching", message=tr("Skipping {count_unusable} unusable file(s); nothing was "
+                                                   "modified.", count_unusable=len(scan.unusable))))
     facts = RunFacts(
         family=host.family, prediction_type=host.prediction_type, base_model=host.base_model,
         session_id=random.randint(0, 2**32 - 1), started_at=started, num_train_images=data.num_train_images,
@@ -86,7 +88,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
             # Tracebacks keep frames alive: drop the big objects so their memory (VRAM) is given back.
             run = data = None  # noqa: F841
 
-    host.report(Progress("done", result.steps, result.total_steps, message="Stopped." if result.stopped else "Done.",
+    host.report(Progress("done", result.steps, result.total_steps, message=tr("Stopped.") if result.stopped else tr("Done."),
                          saved_files=[str(p) for p in result.saved_files]))
     return result
 
@@ -104,18 +106,18 @@ def prepare_caches(host: TrainingHost, config: TrainConfig, cache: CacheFolder) 
         except StopRequested:
             pass
     cache.keep_within_limit()
-    host.report(Progress("done", message=("Stopped. " if host.should_stop() else "") + report.summary()))
+    host.report(Progress("done", message=(tr("Stopped. ") if host.should_stop() else "") + report.summary()))
     return report
 
 
 def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, network: LoRANetwork,
                 epoch: int, result: TrainResult) -> None:
     host.report(Progress("saving", result.steps, result.total_steps, epoch, config.epochs,
-                         message=f"Saving {plan.lora_path(epoch).name}"))
+                         message=tr("Saving {name}", name=plan.lora_path(epoch).name)))
     state = network.kohya_state_dict(SAVE_DTYPES[config.save_precision])
     metadata = lora_metadata(config, facts, output_name=plan.stem(epoch), epoch=epoch, steps=result.steps)
     write_lora(plan.lora_path(epoch), state, metadata, config.overwrite)
     result.saved_files.append(plan.lora_path(epoch))
     write_sidecar(plan.sidecar_path(epoch), sidecar(config, host.family, epoch), config.overwrite)
     host.report(Progress("saved", result.steps, result.total_steps, epoch, config.epochs,
-                         message=f"Saved {plan.lora_path(epoch).name}", saved_files=[str(plan.lora_path(epoch))]))
+                         message=tr("Saved {name}", name=plan.lora_path(epoch).name), saved_files=[str(plan.lora_path(epoch))]))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CheckpointError
+from ..common.i18n import tr
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -17,17 +18,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path}")
+        raise CheckpointError(tr("Checkpoint not found: {path}", path=path))
     if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path.name}: only .safetensors checkpoints can be loaded (pickled .ckpt/.pt files "
-                              "can run code when opened). Convert it to safetensors first.")
+        raise CheckpointError(tr("{name}: only .safetensors checkpoints can be loaded (pickled .ckpt/.pt files can "
+                                 "run code when opened). Convert it to safetensors first.", name=path.name))
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file: {error}") from None
+        raise CheckpointError(tr("{name} is not a readable safetensors file: {error}", name=path.name, error=error)) from None
     if not any(key.startswith("model.diffusion_model.") for key in state):
-        raise CheckpointError(f"{path.name} has no UNet weights in the LDM layout (model.diffusion_model.*); "
-                              "diffusers folders and LoRA files are not checkpoints.")
+        raise CheckpointError(tr("{name} has no UNet weights in the LDM layout (model.diffusion_model.*); diffusers "
+                                 "folders and LoRA files are not checkpoints.", name=path.name))
     return state
 
 
@@ -35,10 +36,10 @@ def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
     """"sd1", "sd2", "sdxl", or a description of a model Train Tools cannot train, as the WebUI tells them apart."""
     if any(key.startswith("conditioner.") for key in state):
         if "conditioner.embedders.0.model.ln_final.weight" in state:  # the refiner has only OpenCLIP bigG
-            return "an SDXL refiner"
+            return tr("an SDXL refiner")
         unet_input = state.get("model.diffusion_model.input_blocks.0.0.weight")
         if unet_input is not None and unet_input.shape[1] != 4:
-            return "an SDXL inpainting model"
+            return tr("an SDXL inpainting model")
         return "sdxl"
     if any(key.startswith("model.diffusion_model.joint_blocks.") for key in state):
         return "SD3"
@@ -57,12 +58,14 @@ def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], file_name: s
     wanted = {k: v for k, v in state.items() if k in ours}
     missing = sorted(set(ours) - set(wanted) - set(not_in_file))
     if missing:
-        raise CheckpointError(f"{file_name} does not look like an {family_label} checkpoint: {len(missing)} weights "
-                              f"are missing, e.g. {missing[0]}.")
+        raise CheckpointError(tr("{file_name} does not look like an {family_label} checkpoint: {count_missing} "
+                                 "weights are missing, e.g. {value}.", file_name=file_name, family_label=family_label,
+                                 count_missing=len(missing), value=missing[0]))
     mismatched = [k for k, v in wanted.items() if v.shape != ours[k].shape]
     if mismatched:
-        raise CheckpointError(f"{file_name}: {mismatched[0]} has shape {tuple(wanted[mismatched[0]].shape)}, "
-                              f"{family_label} needs {tuple(ours[mismatched[0]].shape)}.")
+        raise CheckpointError(tr("{file_name}: {value} has shape {value2}, {family_label} needs {value3}.",
+                                 file_name=file_name, value=mismatched[0], value2=tuple(wanted[mismatched[0]].shape),
+                                 family_label=family_label, value3=tuple(ours[mismatched[0]].shape)))
     model.load_state_dict(wanted, strict=False, assign=True)
 
 
@@ -77,4 +80,4 @@ def rebuild_position_ids(text_encoder: nn.Module) -> None:
 def check_nothing_left_on_meta(model: nn.Module, file_name: str) -> None:
     still_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
-        raise CheckpointError(f"{file_name}: no value for {still_empty[0]}.")
+        raise CheckpointError(tr("{file_name}: no value for {value}.", file_name=file_name, value=still_empty[0]))

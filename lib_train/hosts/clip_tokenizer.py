@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..common.errors import CheckpointError
+from ..common.i18n import tr
 
 # The table's first line is a header; CLIP keeps 49152 - 256 - 2 merges after it.
 _MERGE_COUNT = 49152 - 256 - 2
@@ -34,7 +35,8 @@ def _byte_symbols() -> list[str]:
 def _bpe_table() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("The CLIP vocabulary needs the open-clip-torch package (pip install --no-deps open-clip-torch).")
+        raise CheckpointError(tr("The CLIP vocabulary needs the open-clip-torch package (pip install --no-deps "
+                                 "open-clip-torch)."))
     return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CheckpointError
+from ..common.i18n import tr
 from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint, rebuild_position_ids
 
 # configs/v1-inference.yaml of the WebUI, unet_config / first_stage_config params.
@@ -100,8 +101,8 @@ def load_sd1_checkpoint(path: str | Path, unet_config: dict = SD15_UNET, vae_con
     state = read_checkpoint(path)
     family = checkpoint_family(state)
     if family != "sd1":
-        label = {"sdxl": "an SDXL", "sd2": "an SD2.x"}.get(family, family)
-        raise CheckpointError(f"{path.name} is {label} checkpoint, not SD1.x.")
+        label = {"sdxl": tr("an SDXL"), "sd2": tr("an SD2.x")}.get(family, family)
+        raise CheckpointError(tr("{name} is {label} checkpoint, not SD1.x.", name=path.name, label=label))
     with torch.device("meta"):
         model = build_sd1(unet_config, vae_config, text_config)
     adopt_weights(model, state, path.name, "SD1.x", {"cond_stage_model.transformer.text_model.embeddings.position_ids"})

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ..common.errors import OutputError
 from ..common.files import check_output_name, write_atomically
+from ..common.i18n import tr
 from ..engine.save import write_lora, write_sidecar
 from .grid_spec import WEIGHT_RANGE, EpochFile, epoch_files, epoch_suffix_pattern, read_lora_metadata
 
@@ -40,7 +41,8 @@ def choose_epoch(lora_folder: str | Path, name: str, epoch_file: EpochFile, weig
     name = check_output_name(name)
     low, high = WEIGHT_RANGE
     if not (math.isfinite(weight) and low <= weight <= high):
-        raise OutputError(f"The preferred weight {weight} is outside {low:g} to {high:g}.")
+        raise OutputError(tr("The preferred weight {weight} is outside {low:g} to {high:g}.", weight=weight, low=low,
+                             high=high))
     chosen_meta = _own_metadata(epoch_file.path, folder, name)
     final_path = folder / f"{name}.safetensors"
     is_final = final_path.exists() and os.path.samefile(final_path, epoch_file.path)
@@ -48,9 +50,9 @@ def choose_epoch(lora_folder: str | Path, name: str, epoch_file: EpochFile, weig
     if final_path.exists() and not is_final:
         final_meta = read_lora_metadata(final_path)
         if not _same_run(final_meta, chosen_meta, final_path.stem, name):
-            raise OutputError(f"{final_path} was not written by the training run of {epoch_file.path.name} "
-                              "(its metadata names another run or none), so it is not replaced. Move it away "
-                              "or rename it, then choose again.")
+            raise OutputError(tr("{final_path} was not written by the training run of {name} (its metadata names "
+                                 "another run or none), so it is not replaced. Move it away or rename it, then "
+                                 "choose again.", final_path=final_path, name=epoch_file.path.name))
     sidecar_path = folder / f"{name}.json"
     final_card = _read_card(sidecar_path)
     # The card keeps what the user wrote on it; a missing one starts from the chosen epoch's card.
@@ -83,12 +85,13 @@ def choose_epoch(lora_folder: str | Path, name: str, epoch_file: EpochFile, weig
 def _own_metadata(path: Path, folder: Path, name: str) -> dict[str, str]:
     """The chosen file's metadata, once it is known to be one of this LoRA's files in this folder."""
     if not path.is_file():
-        raise OutputError(f"The chosen file {path} does not exist any more; refresh the grid.")
+        raise OutputError(tr("The chosen file {path} does not exist any more; refresh the grid.", path=path))
     if path.parent.resolve() != folder.resolve() or not _is_our_stem(path.stem, name):
-        raise OutputError(f"{path} is not one of the files of the LoRA '{name}' in {folder}.")
+        raise OutputError(tr("{path} is not one of the files of the LoRA '{name}' in {folder}.", path=path, name=name,
+                             folder=folder))
     metadata = read_lora_metadata(path)
     if not metadata or "ss_session_id" not in metadata:
-        raise OutputError(f"{path} is not a LoRA file written by Train Tools (no training metadata).")
+        raise OutputError(tr("{path} is not a LoRA file written by Train Tools (no training metadata).", path=path))
     return metadata
 
 
@@ -108,18 +111,20 @@ def _final_epoch_target(folder: Path, name: str, final_path: Path, final_meta: d
     ``<name>.safetensors``. None when an epoch file already holds the same tensors."""
     epoch = final_meta.get("ss_epoch", "")
     if not epoch.isdigit():
-        raise OutputError(f"{final_path} has no epoch in its metadata, so its weights cannot be kept as an "
-                          "epoch file; choose with 'delete the other epochs' or move it away.")
+        raise OutputError(tr("{final_path} has no epoch in its metadata, so its weights cannot be kept as an epoch "
+                             "file; choose with 'delete the other epochs' or move it away.", final_path=final_path))
     target = folder / f"{name}-{int(epoch):06d}.safetensors"
     if not target.exists():
         if target.with_suffix(".json").exists():
-            raise OutputError(f"{target.with_suffix('.json')} exists without its LoRA file; move it away so the "
-                              f"weights of {final_path.name} can be kept as {target.name}.")
+            raise OutputError(tr("{value} exists without its LoRA file; move it away so the weights of {name} can "
+                                 "be kept as {name2}.", value=target.with_suffix('.json'), name=final_path.name,
+                                 name2=target.name))
         return target
     if (read_lora_metadata(target) or {}).get("sshs_model_hash") == final_meta.get("sshs_model_hash"):
         return None
-    raise OutputError(f"{target} already exists with other weights than {final_path.name}; replacing the final "
-                      f"file would lose epoch {int(epoch)}. Move one of them away first.")
+    raise OutputError(tr("{target} already exists with other weights than {name}; replacing the final file would "
+                         "lose epoch {value}. Move one of them away first.", target=target, name=final_path.name,
+                         value=int(epoch)))
 
 
 def _other_run_files(folder: Path, name: str, chosen: EpochFile, chosen_meta: dict[str, str]) -> list[Path]:
@@ -136,9 +141,10 @@ def _read_card(path: Path) -> dict | None:
     try:
         values = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise OutputError(f"{path} is not valid JSON ({error}); fix or delete it, then choose again.") from None
+        raise OutputError(tr("{path} is not valid JSON ({error}); fix or delete it, then choose again.", path=path,
+                             error=error)) from None
     if not isinstance(values, dict):
-        raise OutputError(f"{path} does not hold card data (a JSON object); fix or delete it.")
+        raise OutputError(tr("{path} does not hold card data (a JSON object); fix or delete it.", path=path))
     return values
 
 

@@ -34,6 +34,20 @@ def default_label_font(size: int) -> Font:
         return ImageFont.load_default()
 
 
+def font_draws(font: Font, text: str) -> bool:
+    """Whether ``font`` has a glyph for every character of ``text``: a missing one is drawn as the font's
+    "missing" box, the same picture as a code point no font has. (The WebUI's default label font has no Chinese.)"""
+    def picture(character: str) -> tuple:
+        mask = font.getmask(character)
+        return mask.size, bytes(mask)
+
+    try:
+        missing = picture("\U0010fffd")
+        return all(picture(character) != missing for character in set(text) if not character.isspace())
+    except (UnicodeEncodeError, OSError):  # a bitmap font without the characters at all
+        return False
+
+
 @dataclass(frozen=True)
 class GridLayout:
     """Where everything lies in the grid picture, in pixels."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..hosts.prompt_syntax import escape_caption
 
 MAX_CELLS = 100  # about 3-5 minutes of SD1.5 at 512 px on a mid-range GPU; more is rarely looked at
@@ -29,18 +30,18 @@ def parse_number_list(text: str, label: str = "values", integers: bool = False) 
     """
     parts = [part for part in re.split(r"[,\s;]+", text.strip()) if part]
     if not parts:
-        raise ConfigError(f"Give at least one number for the {label}.")
+        raise ConfigError(tr("Give at least one number for the {label}.", label=label))
     numbers: list = []
     for part in parts:
         try:
             number = int(part) if integers else float(part)
         except ValueError:
-            kind = "a whole number" if integers else "a number"
-            raise ConfigError(f"'{part}' in the {label} is not {kind}.") from None
+            kind = tr("a whole number") if integers else tr("a number")
+            raise ConfigError(tr("'{part}' in the {label} is not {kind}.", part=part, label=label, kind=kind)) from None
         if not math.isfinite(number):
-            raise ConfigError(f"'{part}' in the {label} is not a finite number.")
+            raise ConfigError(tr("'{part}' in the {label} is not a finite number.", part=part, label=label))
         if number in numbers:
-            raise ConfigError(f"{part} appears twice in the {label}.")
+            raise ConfigError(tr("{part} appears twice in the {label}.", part=part, label=label))
         numbers.append(number)
     return numbers
 
@@ -64,7 +65,7 @@ class EpochFile:
 
     @property
     def label(self) -> str:
-        return "final" if self.is_final else f"epoch {self.epoch}"
+        return tr("final") if self.is_final else tr("epoch {epoch}", epoch=self.epoch)
 
     @property
     def alias(self) -> str:
@@ -162,35 +163,36 @@ class GridSpec:
             if not ok:
                 raise ConfigError(message)
 
-        need(bool(self.prompt.strip()), "Give the preview prompt.")
-        need(bool(self.sampler.strip()), "Choose a sampler.")
-        need(1 <= self.steps <= 150, f"Steps must be between 1 and 150 (got {self.steps}).")
+        need(bool(self.prompt.strip()), tr("Give the preview prompt."))
+        need(bool(self.sampler.strip()), tr("Choose a sampler."))
+        need(1 <= self.steps <= 150, tr("Steps must be between 1 and 150 (got {steps}).", steps=self.steps))
         need(math.isfinite(self.cfg_scale) and 1 <= self.cfg_scale <= 30,
-             f"CFG scale must be between 1 and 30 (got {self.cfg_scale}).")
-        for label, size in (("Width", self.width), ("Height", self.height)):
+             tr("CFG scale must be between 1 and 30 (got {cfg_scale}).", cfg_scale=self.cfg_scale))
+        for label, size in ((tr("Width"), self.width), (tr("Height"), self.height)):
             need(64 <= size <= 2048 and size % 8 == 0,
-                 f"{label} must be a multiple of 8 between 64 and 2048 (got {size}).")
-        need(bool(self.weights), "Give at least one Lora weight.")
+                 tr("{label} must be a multiple of 8 between 64 and 2048 (got {size}).", label=label, size=size))
+        need(bool(self.weights), tr("Give at least one Lora weight."))
         low, high = WEIGHT_RANGE
         for weight in self.weights:
             need(math.isfinite(weight) and low <= weight <= high,
-                 f"Lora weight {weight:g} is outside {low:g} to {high:g}.")
-        need(self.epochs is None or len(self.epochs) > 0, "Choose at least one epoch (or all of them).")
+                 tr("Lora weight {weight:g} is outside {low:g} to {high:g}.", weight=weight, low=low, high=high))
+        need(self.epochs is None or len(self.epochs) > 0, tr("Choose at least one epoch (or all of them)."))
         need(self.third_axis in (None, *THIRD_AXES),
-             f"The third axis must be none, seed or cfg (got {self.third_axis!r}).")
-        need(bool(self.seeds), "Give a seed.")
+             tr("The third axis must be none, seed or cfg (got {third_axis!r}).", third_axis=self.third_axis))
+        need(bool(self.seeds), tr("Give a seed."))
         for seed in self.seeds:
             need(SEED_RANGE[0] <= seed <= SEED_RANGE[1],
-                 f"Seed {seed} must be between 0 and {SEED_RANGE[1]}: a random seed (-1) would give every "
-                 "cell different noise, and the cells would no longer compare the LoRA alone.")
+                 tr("Seed {seed} must be between 0 and {value}: a random seed (-1) would give every cell different "
+                    "noise, and the cells would no longer compare the LoRA alone.", seed=seed, value=SEED_RANGE[1]))
         need(self.third_axis == "seed" or len(self.seeds) == 1,
-             f"{len(self.seeds)} seeds need the third axis set to seed.")
+             tr("{count_seeds} seeds need the third axis set to seed.", count_seeds=len(self.seeds)))
         if self.third_axis == "cfg":
-            need(bool(self.cfg_values), "Give the CFG scales of the third axis.")
+            need(bool(self.cfg_values), tr("Give the CFG scales of the third axis."))
             for value in self.cfg_values:
-                need(math.isfinite(value) and 1 <= value <= 30, f"CFG scale {value:g} is outside 1 to 30.")
+                need(math.isfinite(value) and 1 <= value <= 30, tr("CFG scale {value:g} is outside 1 to 30.",
+                                                                   value=value))
         else:
-            need(not self.cfg_values, "CFG scales were given but the third axis is not cfg.")
+            need(not self.cfg_values, tr("CFG scales were given but the third axis is not cfg."))
         if self.epochs is not None:
             self._check_cell_count(len(self.epochs))
         return self
@@ -205,15 +207,16 @@ class GridSpec:
     def select_epochs(self, available: list[EpochFile]) -> list[EpochFile]:
         """The rows of the grid: the requested epochs (a final file with the same epoch included), or all."""
         if not available:
-            raise ConfigError("This LoRA has no saved files to compare.")
+            raise ConfigError(tr("This LoRA has no saved files to compare."))
         if self.epochs is None:
             chosen = list(available)
         else:
             known = {f.epoch for f in available}
             missing = [e for e in self.epochs if e not in known]
             if missing:
-                raise ConfigError(f"No file for epoch {', '.join(map(str, missing))}; saved epochs: "
-                                  f"{', '.join(str(e) for e in sorted(known))}.")
+                raise ConfigError(tr("No file for epoch {value}; saved epochs: {value2}.",
+                                     value=', '.join(map(str, missing)),
+                                     value2=', '.join(str(e) for e in sorted(known))))
             chosen = [f for f in available if f.epoch in self.epochs]
         self._check_cell_count(len(chosen))
         return chosen
@@ -230,12 +233,12 @@ class GridSpec:
 
     def axis_labels(self, rows: list[EpochFile]) -> tuple[list[str], list[str], list[str] | None]:
         """Labels for X (weights), Y (the given epoch rows) and Z (None without a third axis)."""
-        x_labels = [f"weight: {w:g}" for w in self.weights]
+        x_labels = [tr("weight: {weight:g}", weight=w) for w in self.weights]
         y_labels = [row.label for row in rows]
         if self.third_axis is None:
             return x_labels, y_labels, None
         if self.third_axis == "seed":
-            return x_labels, y_labels, [f"seed: {seed}" for seed in self.seeds]
+            return x_labels, y_labels, [tr("seed: {seed}", seed=seed) for seed in self.seeds]
         return x_labels, y_labels, [f"CFG: {value:g}" for value in self.cfg_values]
 
     def prompt_for(self, cell: GridCell) -> str:
@@ -247,5 +250,6 @@ class GridSpec:
         if total > MAX_CELLS:
             shape = f"{len(self.weights)} weights × {rows} epochs" + (f" × {depth} {self.third_axis} values"
                                                                        if self.third_axis else "")
-            raise ConfigError(f"The grid would have {total} cells ({shape}); at most {MAX_CELLS}. "
-                              "Remove some weights, epochs or third-axis values.")
+            raise ConfigError(tr("The grid would have {total} cells ({shape}); at most {MAX_CELLS}. Remove some "
+                                 "weights, epochs or third-axis values.", total=total, shape=shape,
+                                 MAX_CELLS=MAX_CELLS))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import write_atomically
+from ..common.i18n import tr
 from ..dataset.captions import find_caption, read_caption, split_tags
 from ..dataset.training_data import load_rgb, pictures_in  # the training folder's own rule for what counts as an image
 
@@ -39,10 +40,12 @@ class TagOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"Tagging mode '{self.mode}' is not one of {', '.join(MODES)}.")
-        for label, value in (("general", self.general_threshold), ("character", self.character_threshold)):
+            raise ConfigError(tr("Tagging mode '{mode}' is not one of {value}.", mode=self.mode,
+                                 value=', '.join(MODES)))
+        for label, value in ((tr("general"), self.general_threshold), (tr("character"), self.character_threshold)):
             if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"The {label} tag threshold must be between 0 and 1, not {value}.")
+                raise ConfigError(tr("The {label} tag threshold must be between 0 and 1, not {value}.", label=label,
+                                     value=value))
 
 
 @dataclass
@@ -100,7 +103,8 @@ def tag_picture(image_path: Path, tagger: ImageTagger, options: TagOptions) -> N
     except TrainToolsError:
         raise
     except Exception as error:  # a model can fail in many ways on one image; the run goes on
-        raise TrainToolsError(f"The tagger failed on {image_path}: {type(error).__name__}: {error}") from None
+        raise TrainToolsError(tr("The tagger failed on {image_path}: {kind}: {error}", image_path=image_path,
+                                 kind=type(error).__name__, error=error)) from None
     caption = ", ".join(merge_tags(split_tags(old_caption or ""), new_tags, options))
     if caption == (old_caption or ""):
         return  # unchanged (or nothing found for an uncaptioned image, which keeps its folder-name fallback)
@@ -119,7 +123,7 @@ def tag_pictures(
     """Tag every image of ``folder`` (a project's ``pictures/``); ``report(done, total, path)`` after each."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"Pictures folder {folder} does not exist.")
+        raise ConfigError(tr("Pictures folder {folder} does not exist.", folder=folder))
     images = pictures_in(folder)
     result = TagReport()
     for index, image_path in enumerate(images, start=1):
@@ -132,7 +136,8 @@ def tag_pictures(
         except TrainToolsError as error:
             result.failed.append((image_path, str(error)))
         except OSError as error:
-            result.failed.append((image_path, f"Cannot write the caption of {image_path}: {error.strerror or error}"))
+            result.failed.append((image_path, tr("Cannot write the caption of {image_path}: {value}",
+                                                 image_path=image_path, value=error.strerror or error)))
         if report is not None:
             report(index, len(images), image_path)
     return result

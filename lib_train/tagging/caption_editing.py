@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..common.errors import DatasetError
 from ..common.files import write_atomically
+from ..common.i18n import tr
 from ..dataset.captions import find_caption, read_caption, split_tags
 from ..dataset.project_folders import ProjectFolders
 from ..dataset.training_data import pictures_in  # the training folder's own rule for what counts as an image
@@ -36,9 +37,10 @@ class EditSummary:
         return len(self.images)
 
     def __str__(self) -> str:
-        text = f"{self.action}: {self.files_changed} caption(s) changed"
+        text = tr("{action}: {count} caption(s) changed", action=self.action, count=self.files_changed)
         if self.left_alone:
-            text += f"; {len(self.left_alone)} left alone because they changed since ({', '.join(self.left_alone)})"
+            text += tr("; {count_left_alone} left alone because they changed since ({value})",
+                       count_left_alone=len(self.left_alone), value=', '.join(self.left_alone))
         return text + "."
 
 
@@ -77,7 +79,7 @@ class CaptionSet:
         """Read every caption; ``history_dir`` defaults to the project's ``caption_history/`` beside pictures/."""
         pictures_dir = Path(pictures_dir)
         if not pictures_dir.is_dir():
-            raise DatasetError(f"Pictures folder not found: {pictures_dir}")
+            raise DatasetError(tr("Pictures folder not found: {pictures_dir}", pictures_dir=pictures_dir))
         history = Path(history_dir) if history_dir else ProjectFolders(pictures_dir.parent).caption_history
 
         images_by_caption: dict[Path, list[str]] = {}
@@ -141,7 +143,7 @@ class CaptionSet:
     def remove_tags(self, tags: Iterable[str]) -> EditSummary:
         """Remove these tags from every caption, as one undo step."""
         unwanted = list(dict.fromkeys(tag.strip() for tag in tags))
-        return self._edit(f"Removed {_quoted(unwanted)}", unwanted, lambda current: [t for t in current if t not in unwanted])
+        return self._edit(tr("Removed {tags}", tags=_quoted(unwanted)), unwanted, lambda current: [t for t in current if t not in unwanted])
 
     def replace_tag(self, old: str, new: str) -> EditSummary:
         """Rename a tag everywhere; where ``new`` is already present the two merge into one."""
@@ -157,11 +159,11 @@ class CaptionSet:
                     renamed.append(tag)
             return renamed
 
-        return self._edit(f"Replaced {old!r} with {new!r}", [old, new], rename)
+        return self._edit(tr("Replaced {old!r} with {new!r}", old=old, new=new), [old, new], rename)
 
     def remove_duplicate_tags(self) -> EditSummary:
         """Keep the first occurrence of each tag in every caption."""
-        return self._edit("Removed duplicate tags", [], lambda current: list(dict.fromkeys(current)))
+        return self._edit(tr("Removed duplicate tags"), [], lambda current: list(dict.fromkeys(current)))
 
     def add_tag(self, tag: str, images: Sequence[str], position: str = "end") -> EditSummary:
         """Add a tag to the given images; an image that already has it keeps it where it is."""
@@ -176,14 +178,15 @@ class CaptionSet:
                 return current
             return [tag, *current] if position == "start" else [*current, tag]
 
-        return self._edit(f"Added {tag!r} at the {position}", [tag], add, images)
+        return self._edit(tr("Added {tag!r} at the start", tag=tag) if position == "start" else
+                          tr("Added {tag!r} at the end", tag=tag), [tag], add, images)
 
     def set_tags(self, image: str, tags: Sequence[str] | str) -> EditSummary:
         """Replace one image's tags (the per-image view): a list, or a caption string split at commas."""
         self._editable(image)
         entries = split_tags(tags) if isinstance(tags, str) else tags
         wanted = [_checked_tag(tag) for tag in entries if tag.strip()]
-        return self._edit(f"Edited the tags of {image}", wanted, lambda current: wanted, [image])
+        return self._edit(tr("Edited the tags of {image}", image=image), wanted, lambda current: wanted, [image])
 
     def move_to_front(self, tags: Sequence[str]) -> EditSummary:
         """Put these tags first, in this order, wherever they appear (the trigger words first)."""
@@ -193,12 +196,12 @@ class CaptionSet:
             present = [tag for tag in front if tag in current]
             return present + [tag for tag in current if tag not in present]
 
-        return self._edit(f"Moved {_quoted(front)} to the front", front, reorder)
+        return self._edit(tr("Moved {tags} to the front", tags=_quoted(front)), front, reorder)
 
     def undo(self) -> EditSummary:
         """Revert the last edit (also one saved before a reload); captions changed since are left alone."""
         if not self._steps:
-            return EditSummary("Nothing to undo", (), ())
+            return EditSummary(tr("Nothing to undo"), (), ())
         step = self._steps.pop()
         if step.file:
             self._forgotten_files.append(step.file)
@@ -210,7 +213,7 @@ class CaptionSet:
                 continue
             caption.tags = list(step.before[image])
             restored.append(image)
-        return EditSummary(f"Undid: {step.action}", step.tags, tuple(restored), tuple(left_alone))
+        return EditSummary(tr("Undid: {action}", action=step.action), step.tags, tuple(restored), tuple(left_alone))
 
     # -- saving -----------------------------------------------------------------------------------
 
@@ -221,23 +224,24 @@ class CaptionSet:
         conflicts = [str(c.path) for c in changed.values() if _current_bytes(c.path) != c.loaded]
         if conflicts:
             raise DatasetError(
-                "These caption files changed on disk since they were loaded, so nothing was saved; "
-                "reload the captions and redo the edit:\n" + "\n".join(f"- {path}" for path in conflicts)
+                tr("These caption files changed on disk since they were loaded, so nothing was saved; reload the "
+                   "captions and redo the edit:\n") + "\n".join(f"- {path}" for path in conflicts)
             )
         for caption in changed.values():
             data = _caption_text(caption.tags, caption.trailing).encode("utf-8")
             write_atomically(caption.path, data, overwrite=True)
             caption.loaded, caption.saved_tags = data, list(caption.tags)
         self._record_history()
-        return EditSummary("Saved", (), tuple(changed))
+        return EditSummary(tr("Saved"), (), tuple(changed))
 
     # -- internals --------------------------------------------------------------------------------
 
     def _editable(self, image: str) -> _Caption:
         if image in self._refused:
-            raise DatasetError(f"{self._refused[image]} Its caption is not edited.")
+            raise DatasetError(tr("{value} Its caption is not edited.", value=self._refused[image]))
         if image not in self._captions:
-            raise DatasetError(f"There is no image {image!r} in {self.pictures_dir}.")
+            raise DatasetError(tr("There is no image {image!r} in {pictures_dir}.", image=image,
+                                  pictures_dir=self.pictures_dir))
         return self._captions[image]
 
     def _edit(self, action: str, tags: Sequence[str], change: Callable[[list[str]], list[str]],
@@ -299,9 +303,10 @@ def _current_bytes(path: Path) -> bytes | None:
 def _checked_tag(tag: str) -> str:
     tag = tag.strip()
     if not tag:
-        raise DatasetError("A tag cannot be empty.")
+        raise DatasetError(tr("A tag cannot be empty."))
     if "," in tag or "\n" in tag:
-        raise DatasetError(f"The tag {tag!r} contains a comma or a line break; add the tags one at a time.")
+        raise DatasetError(tr("The tag {tag!r} contains a comma or a line break; add the tags one at a time.",
+                              tag=tag))
     return tag
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..common.errors import ConfigError
+from ..common.i18n import N_, tr
 from ..dataset.captions import split_tags
 
 _SHADE = r"(?:(?:light|dark|pale|bright|deep|platinum|ash|strawberry|dirty) )?"
@@ -31,28 +32,28 @@ _COLOUR = (r"(?:aqua|black|blonde|blond|blue|brown|green|grey|gray|orange|pink|p
 
 # (kind, pattern): each pattern must match the whole tag, spaces standing for spaces or underscores.
 _FEATURES: tuple[tuple[str, str], ...] = (
-    ("eye colour", rf"{_SHADE}{_COLOUR} eyes|(?:multicolored|gradient|two-tone) eyes|heterochromia"),
-    ("eye shape", r"tsurime|tareme|slit pupils|ringed eyes|(?:long |thick |colored )?eyelashes"),
-    ("hair colour", rf"{_SHADE}{_COLOUR} hair|(?:multicolored|two-tone|gradient|streaked|split-color|colored inner"
+    (N_("eye colour"), rf"{_SHADE}{_COLOUR} eyes|(?:multicolored|gradient|two-tone) eyes|heterochromia"),
+    (N_("eye shape"), r"tsurime|tareme|slit pupils|ringed eyes|(?:long |thick |colored )?eyelashes"),
+    (N_("hair colour"), rf"{_SHADE}{_COLOUR} hair|(?:multicolored|two-tone|gradient|streaked|split-color|colored inner"
                     r"|rainbow) hair|colored tips|(?:\w+ )?streaks"),
-    ("hair length", r"(?:very |absurdly )?(?:long|short) hair|medium hair"),
-    ("hair style", r"(?:low |short |long )?twintails|(?:high |low |side )?ponytail|(?:twin |single |side |french |"
+    (N_("hair length"), r"(?:very |absurdly )?(?:long|short) hair|medium hair"),
+    (N_("hair style"), r"(?:low |short |long )?twintails|(?:high |low |side )?ponytail|(?:twin |single |side |french |"
                    r"crown )?braids?|braided (?:ponytail|bangs|bun)|(?:double |single )?(?:hair )?buns?|"
                    r"(?:blunt |swept |parted |asymmetrical |crossed |choppy |arched )?bangs|ahoge|sidelocks|"
                    r"hair intakes|drill hair|twin drills|(?:bob|hime|pixie) cut|(?:two|one) side up|"
                    r"hair between eyes|hair over (?:one eye|eyes)|(?:wavy|curly|straight|spiked|spiky|fluffy) hair|"
                    r"undercut|mohawk|bald|dreadlocks|afro|antenna hair|hair flaps"),
-    ("face", r"(?:facial|forehead|cheek) marks?|whisker markings|beauty mark|(?:pointy|button|big|small|long) nose|"
+    (N_("face"), r"(?:facial|forehead|cheek) marks?|whisker markings|beauty mark|(?:pointy|button|big|small|long) nose|"
              r"(?:thick|full|thin) lips"),
-    ("teeth", r"fangs?|skin fangs?|fang out|(?:sharp|pointy|shark) teeth"),
-    ("skin", rf"(?:dark|pale|tan|tanned|brown|olive|colored|{_COLOUR}) skin|dark-skinned (?:female|male)|tan|tanned"),
-    ("skin mark", r"freckles|moles?(?: (?:under|on|above|below) [\w ]+)?|scars?(?: (?:on|across|over) [\w ]+)?|"
+    (N_("teeth"), r"fangs?|skin fangs?|fang out|(?:sharp|pointy|shark) teeth"),
+    (N_("skin"), rf"(?:dark|pale|tan|tanned|brown|olive|colored|{_COLOUR}) skin|dark-skinned (?:female|male)|tan|tanned"),
+    (N_("skin mark"), r"freckles|moles?(?: (?:under|on|above|below) [\w ]+)?|scars?(?: (?:on|across|over) [\w ]+)?|"
                   r"(?:[\w-]+ )?tattoos?"),
-    ("ears", r"(?:animal|cat|dog|fox|wolf|rabbit|bunny|horse|cow|mouse|bear|tiger|lion|raccoon|squirrel|"
+    (N_("ears"), r"(?:animal|cat|dog|fox|wolf|rabbit|bunny|horse|cow|mouse|bear|tiger|lion|raccoon|squirrel|"
              r"sheep|goat|deer|bat) ears|animal ear fluff|(?:long )?pointy ears|elf ears"),
-    ("body", r"flat chest|(?:small|medium|large|huge|gigantic) breasts|muscular(?: female| male)?|toned"),
+    (N_("body"), r"flat chest|(?:small|medium|large|huge|gigantic) breasts|muscular(?: female| male)?|toned"),
     # Not "fake wings" (a costume) nor "holding tail" / "spreading wings" (actions).
-    ("non-human parts", r"(?!fake |[\w-]+ing )(?:[\w-]+ )?(?:tails?|horns?|wings?)|halo"),
+    (N_("non-human parts"), r"(?!fake |[\w-]+ing )(?:[\w-]+ )?(?:tails?|horns?|wings?)|halo"),
 )
 _COMPILED = tuple((kind, re.compile(pattern)) for kind, pattern in _FEATURES)
 
@@ -82,7 +83,8 @@ def propose_feature_tags(
     list or the comma-separated setting.
     """
     if not 0 < min_fraction <= 1:
-        raise ConfigError(f"The share of images for a feature tag must be above 0 and at most 1, not {min_fraction}.")
+        raise ConfigError(tr("The share of images for a feature tag must be above 0 and at most 1, not "
+                             "{min_fraction}.", min_fraction=min_fraction))
     if image_count <= 0:
         return []
     triggers = split_tags(trigger_words) if isinstance(trigger_words, str) else trigger_words
@@ -92,7 +94,8 @@ def propose_feature_tags(
         kind = feature_kind(tag)
         if kind is None or count < min_fraction * image_count or _normalize(tag) in protected:
             continue
-        reason = f"{kind}, in {count} of {image_count} images ({count / image_count:.0%})"
+        reason = tr("{kind}, in {count} of {image_count} images ({share:.0%})", kind=tr(kind), count=count,
+                    image_count=image_count, share=count / image_count)
         proposals.append(Proposal(tag, count, reason))
     return sorted(proposals, key=lambda proposal: (-proposal.count, proposal.tag))
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..common.errors import CheckpointError, ConfigError, TrainToolsError
+from ..common.i18n import tr
 from .auto_tag import ImageTagger
 
 KNOWN_MODELS: dict[str, str] = {
@@ -72,9 +73,9 @@ def import_onnxruntime() -> ModuleType:
         import onnxruntime
     except ImportError:
         raise TrainToolsError(
-            "The WD14 tagger needs onnxruntime, which is not installed. Install it into the WebUI's Python "
-            "(`pip install onnxruntime-gpu` with an NVIDIA GPU, else `pip install onnxruntime`) and restart the "
-            "WebUI, or use DeepBooru or BLIP instead."
+            tr("The WD14 tagger needs onnxruntime, which is not installed. Install it into the WebUI's Python (`pip "
+               "install onnxruntime-gpu` with an NVIDIA GPU, else `pip install onnxruntime`) and restart the WebUI, "
+               "or use DeepBooru or BLIP instead.")
         ) from None
     return onnxruntime
 
@@ -110,17 +111,18 @@ def download_model(name: str, models_dir: str | Path) -> Path:
     if Path(name).is_absolute():
         if is_model_folder(name):
             return Path(name)
-        raise ConfigError(f"Tagger folder {name} needs both {MODEL_FILE} and {TAGS_FILE}.")
+        raise ConfigError(tr("Tagger folder {name} needs both {MODEL_FILE} and {TAGS_FILE}.", name=name,
+                             MODEL_FILE=MODEL_FILE, TAGS_FILE=TAGS_FILE))
     if Path(name).name != name or name in ("", ".", ".."):
-        raise ConfigError(f"Tagger name '{name}' must be a model name or the full path of a folder.")
+        raise ConfigError(tr("Tagger name '{name}' must be a model name or the full path of a folder.", name=name))
     folder = Path(models_dir) / MODELS_SUBFOLDER / name
     if is_model_folder(folder):
         return folder
     repo_id = KNOWN_MODELS.get(name)
     if repo_id is None:
         raise ConfigError(
-            f"Unknown tagger '{name}'. Known: {', '.join(KNOWN_MODELS)}; or put {MODEL_FILE} and {TAGS_FILE} "
-            f"in {folder}."
+            tr("Unknown tagger '{name}'. Known: {value}; or put {MODEL_FILE} and {TAGS_FILE} in {folder}.", name=name,
+               value=', '.join(KNOWN_MODELS), MODEL_FILE=MODEL_FILE, TAGS_FILE=TAGS_FILE, folder=folder)
         )
     from huggingface_hub import hf_hub_download  # only here: loading a model from disk needs no hub client
 
@@ -130,8 +132,9 @@ def download_model(name: str, models_dir: str | Path) -> Path:
             hf_hub_download(repo_id=repo_id, filename=filename, local_dir=folder)
     except Exception as error:  # network, proxy, offline mode, disk: the hub raises many types
         raise CheckpointError(
-            f"Cannot download the tagger {name} from huggingface.co/{repo_id} ({error}). Download {MODEL_FILE} "
-            f"and {TAGS_FILE} from that page into {folder} by hand, or check the connection."
+            tr("Cannot download the tagger {name} from huggingface.co/{repo_id} ({error}). Download {MODEL_FILE} "
+               "and {TAGS_FILE} from that page into {folder} by hand, or check the connection.", name=name,
+               repo_id=repo_id, error=error, MODEL_FILE=MODEL_FILE, TAGS_FILE=TAGS_FILE, folder=folder)
         ) from None
     return folder
 
@@ -149,13 +152,14 @@ class TagTable:
             with open(path, encoding="utf-8-sig", newline="") as file:
                 rows = list(csv.DictReader(file))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise CheckpointError(f"Cannot read the tag list {path}: {error}") from None
+            raise CheckpointError(tr("Cannot read the tag list {path}: {error}", path=path, error=error)) from None
         if not rows or "name" not in rows[0] or "category" not in rows[0]:
-            raise CheckpointError(f"Tag list {path} needs the columns name and category (tag_id,name,category,count).")
+            raise CheckpointError(tr("Tag list {path} needs the columns name and category "
+                                     "(tag_id,name,category,count).", path=path))
         try:
             categories = [int(row["category"]) for row in rows]
         except (TypeError, ValueError):
-            raise CheckpointError(f"Tag list {path} has a category that is not a number.") from None
+            raise CheckpointError(tr("Tag list {path} has a category that is not a number.", path=path)) from None
         return cls([row["name"] for row in rows], categories)
 
     def names_in(self, category: int) -> frozenset[str]:
@@ -250,7 +254,8 @@ class WD14Tagger:
         if self._session is not None:
             return
         if not is_model_folder(self.folder):
-            raise CheckpointError(f"Tagger folder {self.folder} needs both {MODEL_FILE} and {TAGS_FILE}.")
+            raise CheckpointError(tr("Tagger folder {folder} needs both {MODEL_FILE} and {TAGS_FILE}.",
+                                     folder=self.folder, MODEL_FILE=MODEL_FILE, TAGS_FILE=TAGS_FILE))
         onnxruntime = import_onnxruntime()
         table = TagTable.read(self.folder / TAGS_FILE)
         present = onnxruntime.get_available_providers()
@@ -258,15 +263,17 @@ class WD14Tagger:
         try:
             session = onnxruntime.InferenceSession(str(self.folder / MODEL_FILE), providers=providers)
         except Exception as error:  # onnxruntime reports bad files with its own exception types
-            raise CheckpointError(f"Cannot load the tagger model {self.folder / MODEL_FILE}: {error}") from None
+            raise CheckpointError(tr("Cannot load the tagger model {value}: {error}", value=self.folder / MODEL_FILE,
+                                     error=error)) from None
         model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
         if len(model_input.shape) != 4 or model_input.shape[3] != 3:
-            raise CheckpointError(f"Tagger model {self.folder / MODEL_FILE} does not take NHWC RGB images "
-                                  f"(input shape {model_input.shape}).")
+            raise CheckpointError(tr("Tagger model {value} does not take NHWC RGB images (input shape {shape}).",
+                                     value=self.folder / MODEL_FILE, shape=model_input.shape))
         outputs = model_output.shape[-1]
         if isinstance(outputs, int) and outputs != len(table.names):
-            raise CheckpointError(f"Tagger model {self.folder / MODEL_FILE} predicts {outputs} tags but "
-                                  f"{self.folder / TAGS_FILE} lists {len(table.names)}.")
+            raise CheckpointError(tr("Tagger model {value} predicts {outputs} tags but {value2} lists {count_names}.",
+                                     value=self.folder / MODEL_FILE, outputs=outputs, value2=self.folder / TAGS_FILE,
+                                     count_names=len(table.names)))
         height = model_input.shape[1]
         self.input_size = height if isinstance(height, int) and height > 0 else _DEFAULT_INPUT_SIZE
         self._input_name = model_input.name

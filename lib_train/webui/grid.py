@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.files import png_bytes, write_atomically
+from ..common.i18n import ENGLISH, current_language, language_scope, tr
 from ..engine.network import LoRANetwork
-from ..preview.grid_image import GridLayout, compose_grid, label_font_size
+from ..preview.grid_image import GridLayout, compose_grid, default_label_font, font_draws, label_font_size
 from ..preview.grid_spec import EpochFile, GridSpec
 from .grid_render import RenderSettings, WebUIGridRenderer, ZValue
 from .host import WebUI, WebUIHost
@@ -68,9 +69,13 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
                         "is_final": row.is_final, "weight": spec.weights[ix], "seed": z.seed,
                         "cfg_scale": z.cfg_scale, "picture": path.name, "infotext": cell.infotext})
 
-    x_labels, y_labels, z_labels = spec.axis_labels(request.rows)
     images = getattr(webui, "images", None)  # the WebUI's label font, as its X/Y/Z plot uses
     font = images.get_font(label_font_size(spec.width, spec.height)) if images is not None else None
+    # Translated label words only where the font draws them (the WebUI's default font has no Chinese glyphs).
+    words = tr("final") + tr("epoch {epoch}", epoch=1) + tr("weight: {weight:g}", weight=1) + tr("seed: {seed}", seed=1)
+    drawable = font_draws(font or default_label_font(label_font_size(spec.width, spec.height)), words)
+    with language_scope(current_language() if drawable else ENGLISH):
+        x_labels, y_labels, z_labels = spec.axis_labels(request.rows)
     composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels, font)
     grid_path = out / "grid.png"
     write_atomically(grid_path, png_bytes(composed.image, f"Train Tools preview grid of {request.name}"), overwrite=False)

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..hosts.protocol import ModelFamily
 from ..engine.network import LoRANetwork
 from ..preview.lora_batching import per_sample_unet_weights, text_encoder_weight
@@ -69,7 +70,7 @@ class WebUIGridRenderer:
     def render(self, settings: RenderSettings, epoch_files: Sequence[Path], weights: Sequence[float],
                z_values: Sequence[ZValue], network_for: Callable[[dict], LoRANetwork]) -> dict[tuple[int, int, int], RenderedCell]:
         if " AND " in f" {settings.prompt} ":
-            raise ConfigError("AND (composable) prompts are not supported in the preview grid.")
+            raise ConfigError(tr("AND (composable) prompts are not supported in the preview grid."))
         cells: dict[tuple[int, int, int], RenderedCell] = {}
         total = len(epoch_files) * len(z_values)
         network: LoRANetwork | None = None
@@ -87,13 +88,14 @@ class WebUIGridRenderer:
                     if self.stop_requested():
                         return cells
                     done = iy * len(z_values) + iz
-                    self.on_batch(done, total, f"{Path(path).stem}, seed {z.seed}, CFG {z.cfg_scale:g}")
+                    self.on_batch(done, total, tr("{file}, seed {seed}, CFG {cfg:g}", file=Path(path).stem, seed=z.seed,
+                                                 cfg=z.cfg_scale))
                     images, infotexts = self._render_batch(network, Path(path).stem, settings, z, weights)
                     if self.stop_requested() or len(images) < len(weights):  # interrupted: half-sampled images
                         return cells
                     for ix, (image, infotext) in enumerate(zip(images, infotexts)):
                         cells[(ix, iy, iz)] = RenderedCell(image, _with_lora_tag(infotext, Path(path).stem, weights[ix]))
-            self.on_batch(total, total, "done")
+            self.on_batch(total, total, tr("done"))
             return cells
         finally:
             if network is not None:
@@ -115,7 +117,8 @@ class WebUIGridRenderer:
         try:
             networks.load_networks([alias], [weight], [0.0], [None])
             if [net.name for net in networks.loaded_networks] != [alias]:
-                raise ConfigError(f"The WebUI's Lora cannot load {alias}; press Refresh on its Lora tab and try again.")
+                raise ConfigError(tr("The WebUI's Lora cannot load {alias}; press Refresh on its Lora tab and try "
+                                     "again.", alias=alias))
             yield
         finally:
             self.host.unmerge_builtin_lora()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..common.memory import parked_on_cpu
 from ..hosts.model_identity import sampled_weights_digest, vae_encoder_side
 from ..hosts.prompt_syntax import escape_caption
@@ -50,27 +51,28 @@ def model_family(sd_model) -> ModelFamily:
     """The loaded model's family, or a message naming what Train Tools cannot train."""
     if getattr(sd_model, "is_sdxl", False):
         if getattr(sd_model, "is_sdxl_inpaint", False):
-            raise ConfigError("The loaded model is an SDXL inpainting checkpoint; Train Tools trains on SDXL base "
-                              "models (SDXL, Pony, Illustrious, NoobAI, Animagine …). Load one of those first.")
+            raise ConfigError(tr("The loaded model is an SDXL inpainting checkpoint; Train Tools trains on SDXL "
+                                 "base models (SDXL, Pony, Illustrious, NoobAI, Animagine …). Load one of those "
+                                 "first."))
         embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
         if not any(getattr(e, "input_key", None) == "txt" and hasattr(getattr(e, "wrapped", None), "transformer")
                    for e in embedders):
-            raise ConfigError("The loaded model is an SDXL refiner (it has only the OpenCLIP text encoder); LoRA is "
-                              "trained on an SDXL base model. Load one first.")
+            raise ConfigError(tr("The loaded model is an SDXL refiner (it has only the OpenCLIP text encoder); LoRA "
+                                 "is trained on an SDXL base model. Load one first."))
         return ModelFamily.SDXL
     if getattr(sd_model, "is_sd2", False):
         # ldm's DiffusionWrapper: "hybrid" for inpainting and depth models, "crossattn-adm" for unCLIP.
         conditioning = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
         if conditioning != "crossattn":
-            raise ConfigError(f"The loaded model is an SD2.x inpainting, depth or unCLIP checkpoint ({conditioning} "
-                              "conditioning); Train Tools trains on the SD2.x text-to-image models (512 base, 768-v "
-                              "and their fine-tunes). Load one of those first.")
+            raise ConfigError(tr("The loaded model is an SD2.x inpainting, depth or unCLIP checkpoint ({conditioning} "
+                                 "conditioning); Train Tools trains on the SD2.x text-to-image models (512 base, 768-v "
+                                 "and their fine-tunes). Load one of those first.", conditioning=conditioning))
         return ModelFamily.SD2
     if getattr(sd_model, "is_sd1", False):
         return ModelFamily.SD1
     kind = "SD3" if getattr(sd_model, "is_sd3", False) else type(sd_model).__name__
-    raise ConfigError(f"Train Tools trains on SD1.x, SD2.x and SDXL checkpoints; the loaded model is {kind}. "
-                      "Load an SD1.x, SD2.x or SDXL checkpoint in the WebUI first.")
+    raise ConfigError(tr("Train Tools trains on SD1.x, SD2.x and SDXL checkpoints; the loaded model is {kind}. "
+                         "Load an SD1.x, SD2.x or SDXL checkpoint in the WebUI first.", kind=kind))
 
 
 def webui_host(webui: WebUI, **kwargs) -> "WebUIHost":
@@ -106,7 +108,8 @@ class WebUIHost:
         self._stop_requested = stop_requested
         model = self.sd_model
         if getattr(webui.shared.cmd_opts, "lowvram", False):
-            raise ConfigError("Training is not possible with --lowvram: restart the WebUI without it (--medvram works).")
+            raise ConfigError(tr("Training is not possible with --lowvram: restart the WebUI without it (--medvram "
+                                 "works)."))
         self.family = model_family(model)
         self.prediction_type = PredictionType.V if getattr(model, "parameterization", "eps") == "v" else PredictionType.EPSILON
         self.unet = model.model.diffusion_model
@@ -240,8 +243,10 @@ class WebUIHost:
         elif progress.phase == "training":
             state.job_count, state.job_no = progress.total_steps, progress.step
             rates = ", ".join(f"{part} {rate:.2e}" for part, rate in progress.learning_rates.items())
-            where = f"Finding the learning rate: {rates}, " if rates else f"Epoch {progress.epoch}/{progress.total_epochs}, "
-            state.textinfo = f"{where}step {progress.step}/{progress.total_steps}, loss {progress.loss:.4f}"
+            where = (tr("Finding the learning rate: {rates}, ", rates=rates) if rates else
+                     tr("Epoch {epoch}/{total_epochs}, ", epoch=progress.epoch, total_epochs=progress.total_epochs))
+            state.textinfo = where + tr("step {step}/{total_steps}, loss {loss:.4f}", step=progress.step,
+                                        total_steps=progress.total_steps, loss=progress.loss)
         elif progress.message:
             state.textinfo = progress.message
         if progress.phase == "saved" and self.webui.networks is not None:

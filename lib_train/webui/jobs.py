@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..common.errors import ConfigError, TrainToolsError
 from ..common.files import check_output_name
+from ..common.i18n import tr
 from ..common.memory import return_freed_memory
 from ..common.tensor_store import DEFAULT_LIMIT_BYTES, CacheFolder, CacheReport, CacheSize
 from ..dataset.project_folders import ProjectFolders, cache_folder_for
@@ -27,6 +28,7 @@ from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
 from ..engine.lr_finder import LearningRateFinding, find_learning_rate
 from ..engine.model_guard import fingerprint
+from ..engine.presets import PresetStore
 from ..engine.sample_prompts import folder_tag_counts, made_prompts
 from ..engine.samples import TrainingSamples
 from ..engine.save import OutputPlan
@@ -106,42 +108,80 @@ class TrainingJobs:
 
     def family_defaults(self, sd_model) -> dict:
         """The settings whose default differs for the loaded model's family (SDXL: 1024², UNet only, …; SD2 768-v:
-        768²); none
-        when no model is loaded or it is one Train Tools refuses (the Train click names that)."""
+        768²) and device (samples on a GPU); none when no model is loaded or it is one Train Tools refuses (the
+        Train click names that)."""
         try:
             family = model_family(sd_model) if sd_model is not None else None
         except ConfigError:
             family = None
-        on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
+        on_cuda, has_bitsandbytes = self.device_facts()
         prediction = PredictionType.V if getattr(sd_model, "parameterization", "eps") == "v" else PredictionType.EPSILON
-        overrides = family_overrides(family, on_cuda, importlib.util.find_spec("bitsandbytes") is not None, prediction)
+        overrides = family_overrides(family, on_cuda, has_bitsandbytes, prediction)
         # Samples cost seconds on a GPU and minutes on the CPU: on by default where they are cheap.
         return {**overrides, "sample_every_n_epochs": 1} if on_cuda else overrides
+
+    def device_facts(self) -> tuple[bool, bool]:
+        """(training on CUDA, bitsandbytes installed): what the family defaults' optimizer depends on."""
+        on_cuda = getattr(self.webui.devices.device, "type", "cpu") == "cuda"
+        return on_cuda, importlib.util.find_spec("bitsandbytes") is not None
+
+    @property
+    def presets(self) -> PresetStore:
+        """The built-in presets and the user's, saved in ``<projects dir>/.presets/`` (not listed as a project)."""
+        return PresetStore(self.folders.projects_dir / ".presets")
+
+    def loaded_family(self) -> ModelFamily:
+        """The loaded model's family, SD1 when none (or one Train Tools refuses) is loaded: what a saved preset is for."""
+        sd_model = self.webui.shared.sd_model
+        try:
+            return model_family(sd_model) if sd_model is not None else ModelFamily.SD1
+        except ConfigError:
+            return ModelFamily.SD1
+
+    def preset_values(self, name: str) -> dict:
+        """Every Train page setting as the preset ``name`` sets it."""
+        return self.presets.get(name).values(*self.device_facts())
 
     def prepare(self, values: dict) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
         subfolder of the Lora folder, and server paths are confined when the WebUI is exposed. Settings the
         API leaves out take the loaded model's family defaults (the tab sends all of them)."""
-        values = {**self.family_defaults(self.webui.shared.sd_model), **values}
+        values = dict(values)
+        preset = str(values.pop("preset", "") or "")
+        values = {**(self._preset_for_loaded(preset) if preset else self.family_defaults(self.webui.shared.sd_model)),
+                  **values}
         if "output_dir" in values:
-            raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
+            raise ConfigError(tr("The output folder is not a setting: files go to the Lora folder, in a subfolder "
+                                 "per project."))
         name = check_output_name(str(values.get("name", "")))
         values["output_dir"] = str(self.folders.lora_dir / name)
         train_dir = str(values.get("train_dir", "")).strip()
         if not train_dir:
-            raise ConfigError("Choose the training folder (a folder on this server) or upload pictures.")
+            raise ConfigError(tr("Choose the training folder (a folder on this server) or upload pictures."))
         if self.folders.exposed:
-            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+            train_dir = str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], tr("training folder")))
         values["train_dir"] = train_dir
         reg_dir = str(values.get("reg_dir", "") or "").strip()
         if reg_dir and self.folders.exposed:
-            reg_dir = str(confine(reg_dir, [self.folders.data_dir, self.folders.projects_dir], "regularization folder"))
+            reg_dir = str(confine(reg_dir, [self.folders.data_dir, self.folders.projects_dir], tr("regularization folder")))
         values["reg_dir"] = reg_dir
         # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
         values["clip_skip"] = text_path_clip_skip(self.webui)
         config = TrainConfig.from_dict(values).validate()
         self._refuse_alias_clashes(config)
         return config
+
+    def _preset_for_loaded(self, name: str) -> dict:
+        """An API request's ``preset``: its settings, refused when it is meant for another family than the loaded
+        model's (an SDXL preset's 1024² on SD1.5 would quietly train at the wrong size)."""
+        preset = self.presets.get(name)
+        sd_model = self.webui.shared.sd_model
+        loaded = model_family(sd_model) if sd_model is not None else None
+        if loaded is not None and loaded is not preset.family:
+            raise ConfigError(tr("The preset {name} is for {family} models and the loaded model is {loaded}: load "
+                                 "a matching checkpoint or choose another preset.", name=name,
+                                 family=preset.family.value.upper(), loaded=loaded.value.upper()))
+        return self.preset_values(name)
 
     def _refuse_alias_clashes(self, config: TrainConfig) -> None:
         """The WebUI names a Lora by its file stem across all subfolders: a clash would hide one of them."""
@@ -154,8 +194,8 @@ class TrainingJobs:
                 continue
             existing = networks.available_networks.get(path.stem)
             if existing is not None and Path(existing.filename).resolve() != path.resolve():
-                raise ConfigError(f"A Lora named '{path.stem}' already exists ({existing.filename}); "
-                                  "choose another project name.")
+                raise ConfigError(tr("A Lora named '{stem}' already exists ({filename}); choose another project "
+                                     "name.", stem=path.stem, filename=existing.filename))
 
     # -- projects -------------------------------------------------------------------------------
 
@@ -193,9 +233,10 @@ class TrainingJobs:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
             if self.current is not None and self.current.state in ("queued", "running"):
-                what = {"grid": "A preview grid", "prepare": "A preparation for training",
-                        "find-lr": "A learning-rate search", "class-pictures": "A class-pictures job"}.get(self.current.kind, "A training")
-                raise ConfigError(f"{what} is already running; stop it or wait for it to finish.")
+                what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
+                        "find-lr": tr("A learning-rate search"), "class-pictures": tr("A class-pictures job")
+                        }.get(self.current.kind, tr("A training"))
+                raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
             self._stop.clear()
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
@@ -212,10 +253,13 @@ class TrainingJobs:
             job.skipped_files = result.skipped_files
             job.cache = asdict(result.cache)
             job.first_step_seconds = result.step_seconds[0] if result.step_seconds else None
-            job.message = (f"Stopped after {result.steps} steps" if result.stopped else f"Done: {result.steps} steps") + \
-                (f"; saved {len(result.saved_files)} file(s)." if result.saved_files else "; nothing saved.") + \
+            job.message = (tr("Stopped after {steps} steps", steps=result.steps) if result.stopped else
+                           tr("Done: {steps} steps", steps=result.steps)) + \
+                (tr("; saved {count} file(s).", count=len(result.saved_files)) if result.saved_files else
+                 tr("; nothing saved.")) + \
                 f" {result.cache.summary()}" + \
-                (f" Skipped {len(result.skipped_files)} unusable file(s):\n" + "\n".join(f"- {s}" for s in result.skipped_files)
+                (tr(" Skipped {count_skipped_files} unusable file(s):\n",
+                    count_skipped_files=len(result.skipped_files)) + "\n".join(f"- {s}" for s in result.skipped_files)
                  if result.skipped_files else "")
 
         return self._guarded(job, "Train Tools", work)
@@ -231,7 +275,7 @@ class TrainingJobs:
                 job, host, lambda: prepare_caches(host, config, self.cache_folder(config.train_dir)))
             job.state = "stopped" if host.should_stop() else "done"
             job.cache = asdict(report)
-            job.message = ("Stopped. " if job.state == "stopped" else "Prepared for training: ") + report.summary()
+            job.message = (tr("Stopped. ") if job.state == "stopped" else tr("Prepared for training: ")) + report.summary()
 
         return self._guarded(job, "Train Tools prepare", work)
 
@@ -270,7 +314,8 @@ class TrainingJobs:
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
         host = self._host(job, config)
         if host.medvram and config.train_text_encoder:
-            raise ConfigError("Under --medvram only the UNet can be trained: set the text-encoder learning rate to 0.")
+            raise ConfigError(tr("Under --medvram only the UNet can be trained: set the text-encoder learning rate "
+                                 "to 0."))
         return host
 
     def _host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
@@ -297,13 +342,15 @@ class TrainingJobs:
             trained_family = lora_family(metadata)
             if trained_family is not None and trained_family is not host.family:
                 names = {ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL"}
-                raise ConfigError(f"{request.name} is an {names[trained_family]} LoRA and the loaded model is "
-                                  f"{names[host.family]}: load the checkpoint it was trained on for its preview grid.")
+                raise ConfigError(tr("{name} is an {value} LoRA and the loaded model is {value2}: load the "
+                                     "checkpoint it was trained on for its preview grid.", name=request.name,
+                                     value=names[trained_family], value2=names[host.family]))
             check = check_base_model(self.webui, metadata)
             if not check.matches:
-                hint = (f" Switch back to {check.switch_to} first." if check.switch_to else
-                        " That checkpoint is not in the WebUI's list; the grid would not show what you trained.")
-                raise ConfigError(f"{request.name} was trained on {check.trained_on}, but {check.loaded} is loaded.{hint}")
+                hint = (tr(" Switch back to {switch_to} first.", switch_to=check.switch_to) if check.switch_to else
+                        tr(" That checkpoint is not in the WebUI's list; the grid would not show what you trained."))
+                raise ConfigError(tr("{name} was trained on {trained_on}, but {loaded} is loaded.{hint}",
+                                     name=request.name, trained_on=check.trained_on, loaded=check.loaded, hint=hint))
             host.unmerge_builtin_lora()  # as the WebUI's next plain txt2img would, so the base is the checkpoint's
             before = self._fingerprints() if self.verify_restore else None
             try:
@@ -317,8 +364,8 @@ class TrainingJobs:
             job.grid_folder = str(request.out_dir) if result.grid_path else ""
             job.saved_files = [str(p) for p in result.cell_paths]
             job.state = "done" if result.complete else "stopped"
-            job.message = (f"Preview grid: {len(result.cell_paths)} pictures." if result.complete else
-                           f"Stopped: {len(result.cell_paths)} pictures rendered.")
+            job.message = (tr("Preview grid: {count} pictures.", count=len(result.cell_paths)) if result.complete else
+                           tr("Stopped: {count} pictures rendered.", count=len(result.cell_paths)))
 
         return self._guarded(job, "Train Tools preview", work)
 
@@ -333,7 +380,7 @@ class TrainingJobs:
                                   "regularization folder.")
             folder = str(ProjectFolders.for_name(self.folders.projects_dir, str(values["name"])).regularization)
         if self.folders.exposed:
-            folder = str(confine(folder, [self.folders.data_dir, self.folders.projects_dir], "regularization folder"))
+            folder = str(confine(folder, [self.folders.data_dir, self.folders.projects_dir], tr("regularization folder")))
         resolution = self.family_defaults(self.webui.shared.sd_model).get("resolution", TrainConfig.resolution)
         return ClassPicturesRequest.from_values(values, Path(folder), resolution)
 
@@ -346,7 +393,7 @@ class TrainingJobs:
             host = webui_host(self.webui, stop_requested=self._stop.is_set)
             host.unmerge_builtin_lora()  # the checkpoint's own pictures, not a Lora left merged by the last prompt
             result = generate_class_pictures(self.webui, host, request,
-                                             lambda done, total, text: self._track_grid(job, done, total, text, ""))
+                                             lambda done, total, text: self._track_grid(job, done, total, text, titled=False))
             job.reg_folder = str(result.folder)
             job.saved_files = [str(path) for path in result.paths]
             job.state = "done" if result.complete else "stopped"
@@ -377,7 +424,7 @@ class TrainingJobs:
             return_freed_memory()
         if job.model_restored is False:
             job.error = (job.error + " " if job.error else "") + (
-                "THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this.")
+                tr("THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this."))
         return job
 
     def run_in_background(self, config: TrainConfig) -> JobStatus:
@@ -437,15 +484,15 @@ class TrainingJobs:
         """Delete the training folder's cache (never its pictures); refused while a job may be reading it."""
         folder = self.cache_folder(self._checked_folder(train_dir))
         if self.current is not None and self.current.state in ("queued", "running"):
-            raise ConfigError("A job is running: clear the cache when it has finished.")
+            raise ConfigError(tr("A job is running: clear the cache when it has finished."))
         return folder.clear()
 
     def _checked_folder(self, train_dir: str) -> str:
         train_dir = train_dir.strip()
         if not train_dir:
-            raise ConfigError("Choose the training folder first.")
+            raise ConfigError(tr("Choose the training folder first."))
         if self.folders.exposed:
-            return str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], "training folder"))
+            return str(confine(train_dir, [self.folders.data_dir, self.folders.projects_dir], tr("training folder")))
         return train_dir
 
     # -- preview grid ---------------------------------------------------------------------------
@@ -462,8 +509,8 @@ class TrainingJobs:
                              ("width", int), ("height", int)):
             if key in values:
                 given[key] = convert(values[key])
-        for key, label, integers in (("seeds", "seeds", True), ("weights", "weights", False),
-                                     ("cfg_values", "CFG scales", False), ("epochs", "epochs", True)):
+        for key, label, integers in (("seeds", tr("seeds"), True), ("weights", tr("weights"), False),
+                                     ("cfg_values", tr("CFG scales"), False), ("epochs", tr("epochs"), True)):
             value = values.get(key)
             if isinstance(value, str):
                 value = parse_number_list(value, label, integers) if value.strip() else []
@@ -506,7 +553,8 @@ class TrainingJobs:
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
         folder = Path(grid_folder).resolve()
         if folder.parent != grids or not folder.is_dir():
-            raise ConfigError(f"{grid_folder} is not one of the preview grids of {name}.")
+            raise ConfigError(tr("{grid_folder} is not one of the preview grids of {name}.", grid_folder=grid_folder,
+                                 name=name))
         return cell_at(folder, x, y)
 
     def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
@@ -517,7 +565,7 @@ class TrainingJobs:
         folder = self.folders.lora_dir / name
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
         if epoch is None:
-            raise ConfigError(f"{file} is not a saved file of {name} any more.")
+            raise ConfigError(tr("{file} is not a saved file of {name} any more.", file=file, name=name))
         with Image.open(picture) as cell:
             result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
         with self.webui.call_queue.queue_lock:
@@ -526,9 +574,9 @@ class TrainingJobs:
             self.webui.networks.list_available_networks()
         return result
 
-    def _track_grid(self, job: JobStatus, done: int, total: int, text: str, label: str = "Preview grid: ") -> None:
+    def _track_grid(self, job: JobStatus, done: int, total: int, text: str, titled: bool = True) -> None:
         state = self.webui.shared.state
-        state.job_count, state.job_no, state.textinfo = total, done, f"{label}{text}"
+        state.job_count, state.job_no, state.textinfo = total, done, tr("Preview grid: {text}", text=text) if titled else text
         job.phase, job.step, job.total_steps, job.message = "rendering", done, total, text
 
     def _fingerprints(self) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 
 
 def confine(path: str | Path, allowed_roots: list[Path], what: str) -> Path:
@@ -14,5 +15,6 @@ def confine(path: str | Path, allowed_roots: list[Path], what: str) -> Path:
         if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
             return resolved
     roots = ", ".join(str(r) for r in allowed_roots)
-    raise ConfigError(f"The {what} {path} is outside the folders this WebUI allows when it is shared on the network "
-                      f"({roots}). Put the pictures there, or start the WebUI with --enable-insecure-extension-access.")
+    raise ConfigError(tr("The {what} {path} is outside the folders this WebUI allows when it is shared on the "
+                         "network ({roots}). Put the pictures there, or start the WebUI with "
+                         "--enable-insecure-extension-access.", what=what, path=path, roots=roots))

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..common.errors import ConfigError
+from ..common.i18n import tr
 from ..dataset.captions import split_tags
 from ..tagging.auto_tag import ImageTagger
 from ..tagging.wd14 import CHARACTER_CATEGORY, pick_tags
@@ -73,8 +74,9 @@ def wd14_extension_tagger(
     utils = sys.modules.get(WD14_EXTENSION_MODULE)
     interrogators = getattr(utils, "interrogators", {}) if utils is not None else {}
     if name not in interrogators:
-        available = ", ".join(sorted(interrogators)) or "none (the wd14-tagger extension is not loaded)"
-        raise ConfigError(f"The wd14-tagger extension has no interrogator '{name}'. Available: {available}.")
+        available = ", ".join(sorted(interrogators)) or tr("none (the wd14-tagger extension is not loaded)")
+        raise ConfigError(tr("The wd14-tagger extension has no interrogator '{name}'. Available: {available}.",
+                             name=name, available=available))
     interrogator = interrogators[name]
     loaded_here = getattr(interrogator, "model", None) is None
     if loaded_here:

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from modules import call_queue, deepbooru, devices, paths, shared
 
 from lib_train.common.errors import ConfigError, DatasetError, TrainToolsError
+from lib_train.common.i18n import is_chinese, tr
 from lib_train.dataset.health import check_dataset
 from lib_train.dataset.image_clean import open_clean
 from lib_train.dataset.image_import import ImportReport, PrepareOptions, clean_in_project, import_pictures, original_of
@@ -32,6 +33,7 @@ from lib_train.engine.config import TrainConfig
 from lib_train.tagging.auto_tag import MODES, TagOptions, tag_pictures
 from lib_train.tagging.caption_editing import CaptionSet, EditSummary
 from lib_train.tagging.feature_tags import propose_feature_tags
+from lib_train.tagging.tag_glosses import gloss
 from lib_train.tagging.wd14 import (WD14Tagger, available_models, download_model, execution_providers,
                                   import_onnxruntime, onnxruntime_package)
 from lib_train.webui.path_policy import confine
@@ -40,18 +42,26 @@ from lib_train.webui.taggers import (blip_captioner, deepbooru_tagger, wd14_exte
 
 from .webui_context import jobs
 
-CROP_KEEP = "Keep each size (aspect-ratio buckets)"
-CROP_SQUARE = "Square (resolution × resolution)"
-CROP_SIZE = "Width × height"
-NO_UPSCALER = "None: only warn about small pictures"
+CROP_KEEP = tr("Keep each size (aspect-ratio buckets)")
+CROP_SQUARE = tr("Square (resolution × resolution)")
+CROP_SIZE = tr("Width × height")
+NO_UPSCALER = tr("None: only warn about small pictures")
 WD14_PREFIX = "WD14: "
-EXTENSION_PREFIX = "wd14-tagger extension: "
-DEEPBOORU = "DeepBooru (WebUI)"
-BLIP = "BLIP caption (WebUI)"
+EXTENSION_PREFIX = tr("wd14-tagger extension: ")
+DEEPBOORU = tr("DeepBooru (WebUI)")
+BLIP = tr("BLIP caption (WebUI)")
 PREVIEW_SIDE = 640  # the crop-focus preview; clicks are read as fractions of it
 LISTED_NAMES = 12  # file names listed in a message before "and N more"
-TAG_HEADERS = ["Tag", "Images"]
-FINDING_HEADERS = ["Severity", "File", "Finding"]
+TAG_HEADERS = [tr("Tag"), tr("Images")]
+# A Chinese UI shows a gloss of common Danbooru tags beside each tag (the captions keep the English tags).
+TAG_COLUMNS = ([TAG_HEADERS[0], tr("Chinese"), TAG_HEADERS[1]], ["str", "str", "number"]) if is_chinese() else \
+    (TAG_HEADERS, ["str", "number"])
+FINDING_HEADERS = [tr("Severity"), tr("File"), tr("Finding")]
+# Radio choices are (shown, value): the value stays the word the tagger (and the API) reads.
+MODE_LABELS = {"append": tr("append"), "prepend": tr("prepend"), "overwrite": tr("overwrite")}
+# Report and finding kinds: also the rows' CSS classes, so only their shown text is translated.
+KIND_LABELS = {"failed": tr("failed"), "skipped": tr("skipped"), "warning": tr("warning"), "error": tr("error"),
+               "info": tr("info")}
 
 _tagging = threading.Event()  # set while this page tags, so Stop never interrupts someone else's generation
 
@@ -60,7 +70,8 @@ _tagging = threading.Event()  # set while this page tags, so Stop never interrup
 
 def _project(name: str) -> ProjectFolders:
     if not name.strip():
-        raise ConfigError("Give the LoRA a name at the top of the tab: the project (pictures, captions) is named after it.")
+        raise ConfigError(tr("Give the LoRA a name at the top of the tab: the project (pictures, captions) is named "
+                             "after it."))
     return ProjectFolders.for_name(jobs().folders.projects_dir, name)
 
 
@@ -82,16 +93,16 @@ def _ok(text: str) -> str:
 
 def _names(items: list[str] | tuple[str, ...]) -> str:
     shown = ", ".join(items[:LISTED_NAMES])
-    return shown + (f" and {len(items) - LISTED_NAMES} more" if len(items) > LISTED_NAMES else "")
+    return shown + (tr(" and {count} more", count=len(items) - LISTED_NAMES) if len(items) > LISTED_NAMES else "")
 
 
 def _notes_table(rows: list[tuple[str, str, str]]) -> str:
     """(kind, file, message) rows; the kind is also the row's CSS class (failed rows are red)."""
     if not rows:
         return ""
-    body = "".join(f"<tr class='{html.escape(kind)}'><td>{html.escape(kind)}</td><td>{html.escape(file)}</td>"
+    body = "".join(f"<tr class='{html.escape(kind)}'><td>{html.escape(KIND_LABELS.get(kind, kind))}</td><td>{html.escape(file)}</td>"
                    f"<td>{html.escape(message)}</td></tr>" for kind, file, message in rows)
-    return f"<table class='train-tools-notes'><tr><th></th><th>File</th><th>What happened</th></tr>{body}</table>"
+    return f"<table class='train-tools-notes'><tr><th></th><th>{html.escape(tr('File'))}</th><th>{html.escape(tr('What happened'))}</th></tr>{body}</table>"
 
 
 def _gallery(project: ProjectFolders) -> tuple[list[tuple[str, str]], list[str]]:
@@ -111,7 +122,7 @@ def _colour(value: str) -> tuple[int, int, int]:
             return int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)
     except ValueError:
         pass
-    raise ConfigError(f"The background colour {value!r} is not a colour like #ffffff.")
+    raise ConfigError(tr("The background colour {value!r} is not a colour like #ffffff.", value=value))
 
 
 def _prepare_options(background: str, crop: str, resolution: float, width: float, height: float,
@@ -128,7 +139,7 @@ def _upscaler(name: str) -> Callable[[Image.Image, int, int], Image.Image] | Non
         return None
     data = next((u for u in shared.sd_upscalers if u.name == name), None)
     if data is None:
-        raise ConfigError(f"The upscaler {name!r} is not available in this WebUI; choose another.")
+        raise ConfigError(tr("The upscaler {name!r} is not available in this WebUI; choose another.", name=name))
 
     def upscale(image: Image.Image, width: int, height: int) -> Image.Image:
         with call_queue.queue_lock:  # upscalers run on the GPU: never beside a generation or a training
@@ -156,8 +167,9 @@ def _import_report(report: ImportReport, project: ProjectFolders, roots: list[Pa
     rows = [(kind, _shown(n.path, roots), _without_roots(n.reason, roots)) for kind, found in notes for n in found]
     imported = [p.name for p in report.imported]
     css = "train-tools-error" if report.failed else "train-tools-ok"
-    head = f"<div class='{css}'><b>{html.escape(report.summary())}</b> into {html.escape(str(project.pictures))}</div>"
-    listed = f"<p>Imported: {html.escape(_names(imported))}</p>" if imported else ""
+    into = tr("into {folder}", folder=project.pictures)
+    head = f"<div class='{css}'><b>{html.escape(report.summary())}</b> {html.escape(into)}</div>"
+    listed = f"<p>{html.escape(tr('Imported: {names}', names=_names(imported)))}</p>" if imported else ""
     return head + _notes_table(rows) + listed
 
 
@@ -167,9 +179,10 @@ def _import(name, uploads, folder, background, crop, resolution, width, height, 
     try:
         project = _project(name)
         files = [Path(upload.name) for upload in uploads or []]
-        sources = files + ([_server_folder(folder, "pictures folder")] if (folder or "").strip() else [])
+        sources = files + ([_server_folder(folder, tr("pictures folder"))] if (folder or "").strip() else [])
         if not sources:
-            raise DatasetError("Choose pictures to upload (images, .txt captions, .zip) or give a folder on this server.")
+            raise DatasetError(tr("Choose pictures to upload (images, .txt captions, .zip) or give a folder on this "
+                                  "server."))
         options = _prepare_options(background, crop, resolution, width, height, upscaler)
         report = import_pictures(sources, project, options, upscale=_upscaler(upscaler))
     except TrainToolsError as error:
@@ -206,9 +219,10 @@ def _set_focus(name, picture, background, crop, resolution, width, height, upsca
     no_change = (gr.update(),) * 5
     try:
         if not picture:
-            raise DatasetError("Select a picture in the gallery first.")
+            raise DatasetError(tr("Select a picture in the gallery first."))
         if crop == CROP_KEEP:
-            raise ConfigError("A crop focus needs a crop: choose Square or Width × height under Import, then click again.")
+            raise ConfigError(tr("A crop focus needs a crop: choose Square or Width × height under Import, then "
+                                 "click again."))
         project = _project(name)
         preview = _focus_preview(project, picture)
         focus = (min(max(evt.index[0] / preview.width, 0.0), 1.0), min(max(evt.index[1] / preview.height, 0.0), 1.0))
@@ -218,10 +232,11 @@ def _set_focus(name, picture, background, crop, resolution, width, height, upsca
         return (_error(error),) + no_change
     if not report.imported:
         problems = [f"{n.path.name}: {n.reason}" for n in report.failed + report.skipped]
-        return (_error("; ".join(problems) or f"{picture} was not re-made."),) + no_change
+        return (_error("; ".join(problems) or tr("{picture} was not re-made.", picture=picture)),) + no_change
     made = report.imported[0].relative_to(project.pictures).as_posix()
     items, names = _gallery(project)
-    message = _ok(f"{made}: cropped around ({focus[0]:.2f}, {focus[1]:.2f}) of the original.")
+    message = _ok(tr("{made}: cropped around ({value:.2f}, {value2:.2f}) of the original.", made=made, value=focus[0],
+                     value2=focus[1]))
     return message, _focus_preview(project, made, focus), _thumbnail(report.imported[0]), made, items, names
 
 
@@ -251,15 +266,15 @@ def _open_tagger(choice: str, general: float, character: float) -> Iterator[Call
     elif choice == BLIP:
         opened = blip_captioner(shared.interrogator)
     else:
-        raise ConfigError(f"Unknown tagger {choice!r}.")
+        raise ConfigError(tr("Unknown tagger {choice!r}.", choice=choice))
     with ExitStack() as stack:
         try:
             tag = stack.enter_context(opened)
         except TrainToolsError:
             raise
         except Exception as error:  # the WebUI's loaders fail in many ways: no network, missing files, memory
-            raise TrainToolsError(f"{choice} could not load its model ({type(error).__name__}: {error}). "
-                                  f"{_download_hint(choice)}") from None
+            raise TrainToolsError(tr("{choice} could not load its model ({kind}: {error}). {value}", choice=choice,
+                                     kind=type(error).__name__, error=error, value=_download_hint(choice))) from None
         yield tag
 
 
@@ -267,12 +282,13 @@ def _download_hint(choice: str) -> str:
     """Where the WebUI's taggers get their models on first use, for a failed load."""
     models = _models_dir()
     if choice == DEEPBOORU:
-        return (f"The WebUI downloads model-resnet_custom_v3.pt from github.com/AUTOMATIC1111/TorchDeepDanbooru "
-                f"(release v1) into {models / 'torch_deepdanbooru'} on first use; without internet, put it there by hand.")
+        return (tr("The WebUI downloads model-resnet_custom_v3.pt from github.com/AUTOMATIC1111/TorchDeepDanbooru "
+                   "(release v1) into {value} on first use; without internet, put it there by hand.",
+                   value=models / 'torch_deepdanbooru'))
     if choice == BLIP:
-        return (f"The WebUI downloads BLIP into {models / 'BLIP'}, CLIP ViT-L/14 and the bert-base-uncased tokenizer on "
-                "first use; without internet they must already be in place.")
-    return "The wd14-tagger extension downloads its models from Hugging Face on first use; check the connection."
+        return (tr("The WebUI downloads BLIP into {value}, CLIP ViT-L/14 and the bert-base-uncased tokenizer on "
+                   "first use; without internet they must already be in place.", value=models / 'BLIP'))
+    return tr("The wd14-tagger extension downloads its models from Hugging Face on first use; check the connection.")
 
 
 def _check_tagger(name: str, choice: str):
@@ -281,23 +297,24 @@ def _check_tagger(name: str, choice: str):
     try:
         pictures = _project(name).pictures
         if not pictures.is_dir():
-            raise DatasetError(f"There are no pictures in {pictures} yet: import some first.")
+            raise DatasetError(tr("There are no pictures in {pictures} yet: import some first.", pictures=pictures))
         if choice.startswith(WD14_PREFIX):
             import_onnxruntime()
             download_model(choice[len(WD14_PREFIX):], _models_dir())
     except TrainToolsError as error:
         missing_runtime = choice.startswith(WD14_PREFIX) and importlib.util.find_spec("onnxruntime") is None
         return _error(error), False, gr.update(visible=missing_runtime)
-    return _ok(f"Tagging with {choice}…"), True, gr.update(visible=False)
+    return _ok(tr("Tagging with {choice}…", choice=choice)), True, gr.update(visible=False)
 
 
 def _tag(id_task, name, choice, general, character, mode, use_trigger, trigger, blacklist) -> tuple[str]:
     """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun."""
     state = shared.state
-    state.textinfo = f"Loading {choice}…"
+    state.textinfo = tr("Loading {choice}…", choice=choice)
 
     def progress(done: int, total: int, path: Path) -> None:
-        state.job_count, state.job_no, state.textinfo = total, done, f"Tagging {done}/{total}: {path.name}"
+        state.job_count, state.job_no, state.textinfo = total, done, tr("Tagging {done}/{total}: {name}", done=done,
+                                                                         total=total, name=path.name)
 
     _tagging.set()
     try:
@@ -309,10 +326,11 @@ def _tag(id_task, name, choice, general, character, mode, use_trigger, trigger, 
         return (_error(error),)
     finally:
         _tagging.clear()
-    summary = f"{choice}: {len(report.tagged)} picture(s) tagged" + (", stopped." if report.stopped else ".")
+    summary = tr("{choice}: {count} picture(s) tagged", choice=choice, count=len(report.tagged)) + \
+        (tr(", stopped.") if report.stopped else ".")
     rows = [("failed", path.name, reason) for path, reason in report.failed]
     css = "train-tools-error" if report.failed else "train-tools-ok"
-    failed = f" {len(report.failed)} failed:" if report.failed else ""
+    failed = tr(" {count} failed:", count=len(report.failed)) if report.failed else ""
     return (f"<div class='{css}'>{html.escape(summary + failed)}</div>" + _notes_table(rows),)
 
 
@@ -335,12 +353,13 @@ def _install_onnxruntime() -> str:
     try:
         run_pip(f'install "{package}"', "onnxruntime")  # quoted: the version range has a "<"
     except Exception as error:  # run_pip raises RuntimeError with pip's output
-        return _error(f"Installing {package} failed: {error}")
+        return _error(tr("Installing {package} failed: {error}", package=package, error=error))
     importlib.invalidate_caches()
     if importlib.util.find_spec("onnxruntime") is None:
-        return _error(f"{package} was not installed: the WebUI runs with --skip-install, which turns pip off. "
-                      f"Install it yourself: \"{sys.executable}\" -m pip install \"{package}\"")
-    return _ok(f"{package} is installed. Press Tag pictures again.")
+        return _error(tr("{package} was not installed: the WebUI runs with --skip-install, which turns pip off. "
+                         "Install it yourself: \"{executable}\" -m pip install \"{package}\"", package=package,
+                         executable=sys.executable))
+    return _ok(tr("{package} is installed. Press Tag pictures again.", package=package))
 
 
 # -- 3. curate ----------------------------------------------------------------------------------------
@@ -348,29 +367,39 @@ def _install_onnxruntime() -> str:
 def _captions(name: str) -> CaptionSet:
     project = _project(name)
     if not project.pictures.is_dir():
-        raise DatasetError(f"There are no pictures in {project.pictures} yet: import some first.")
+        raise DatasetError(tr("There are no pictures in {pictures} yet: import some first.",
+                              pictures=project.pictures))
     return CaptionSet.load(project.pictures, project.caption_history)
 
 
 def _curation(captions: CaptionSet | None, selected: str, chosen: list[str], message: str) -> tuple:
     """message, frequency table, its tags, images to add to, the selected image's tags, undo button, refused."""
     if captions is None:
-        return (message, {"headers": TAG_HEADERS, "data": []}, [], gr.update(choices=[], value=[]), "",
-                gr.update(value="Undo", interactive=False), "")
+        return (message, {"headers": TAG_COLUMNS[0], "data": []}, [], gr.update(choices=[], value=[]), "",
+                gr.update(value=tr("Undo"), interactive=False), "")
     frequency = captions.tag_frequency()
     editable = [image for image in captions.images if image not in captions.refused]
-    table = {"headers": TAG_HEADERS, "data": [[tag, count] for tag, count in frequency]}
+    table = {"headers": TAG_COLUMNS[0], "data": [_tag_row(tag, count) for tag, count in frequency]}
     images = gr.update(choices=editable, value=[image for image in chosen or [] if image in editable])
     selected_tags = ", ".join(captions.tags_of(selected)) if selected in editable else ""
-    undo_text = f"Undo: {captions.undo_label}" if captions.can_undo else "Undo"
+    undo_text = tr("Undo: {action}", action=captions.undo_label) if captions.can_undo else tr("Undo")
     refused = "".join(_error(reason) for reason in captions.refused.values())
     return (message, table, [tag for tag, _ in frequency], images, selected_tags,
             gr.update(value=undo_text, interactive=captions.can_undo), refused)
 
 
+def _tag_row(tag: str, count: int) -> list:
+    return [tag, gloss(tag), count] if is_chinese() else [tag, count]
+
+
+def _with_gloss(tag: str) -> str:
+    meaning = gloss(tag)
+    return f"{tag}（{meaning}）" if meaning else tag
+
+
 def _changed(summary: EditSummary) -> str:
     text = str(summary)
-    return text + (f" Changed: {_names(summary.images)}." if summary.images else "")
+    return text + (tr(" Changed: {names}.", names=_names(summary.images)) if summary.images else "")
 
 
 def _edit(action: Callable[..., EditSummary]) -> Callable:
@@ -389,13 +418,13 @@ def _edit(action: Callable[..., EditSummary]) -> Callable:
 
 def _add(captions: CaptionSet, tag: str, images: list[str]) -> EditSummary:
     if not images:
-        raise DatasetError("Choose the images to add the tag to.")
+        raise DatasetError(tr("Choose the images to add the tag to."))
     return captions.add_tag(tag or "", images)
 
 
 def _save_image_tags(captions: CaptionSet, picture: str, text: str) -> EditSummary:
     if not picture:
-        raise DatasetError("Select a picture in the gallery first.")
+        raise DatasetError(tr("Select a picture in the gallery first."))
     return captions.set_tags(picture, text or "")
 
 
@@ -407,7 +436,7 @@ def _refresh(name, selected, chosen):
     except TrainToolsError as error:
         return (gr.update(), gr.update()) + _curation(None, "", [], _error(error))
     items, names = _gallery(project)
-    note = "" if captions else _ok(f"No pictures in {project.pictures} yet: import some above.")
+    note = "" if captions else _ok(tr("No pictures in {pictures} yet: import some above.", pictures=project.pictures))
     return (items, names) + _curation(captions, selected, chosen, note)
 
 
@@ -445,17 +474,17 @@ def _propose(name: str, trigger: str):
     except TrainToolsError as error:
         return _error(error), gr.update(choices=[], value=[], visible=False), gr.update(visible=False)
     if not proposals:
-        return (_ok("No intrinsic-feature tags (eyes, hair, face, skin, body…) are in most of the images: "
-                    "nothing to bind."), gr.update(choices=[], value=[], visible=False), gr.update(visible=False))
-    choices = [(f"{p.tag} — {p.reason}", p.tag) for p in proposals]
-    message = _ok(f"{len(proposals)} tag(s) describe the subject itself. Untick those to keep, then Confirm: "
-                  "the rest are removed so that the trigger words carry them.")
+        return (_ok(tr("No intrinsic-feature tags (eyes, hair, face, skin, body…) are in most of the images: "
+                       "nothing to bind.")), gr.update(choices=[], value=[], visible=False), gr.update(visible=False))
+    choices = [(f"{_with_gloss(p.tag)} — {p.reason}", p.tag) for p in proposals]
+    message = _ok(tr("{count_proposals} tag(s) describe the subject itself. Untick those to keep, then Confirm: the "
+                     "rest are removed so that the trigger words carry them.", count_proposals=len(proposals)))
     return message, gr.update(choices=choices, value=[p.tag for p in proposals], visible=True), gr.update(visible=True)
 
 
 def _bind(captions: CaptionSet, checked: list[str]) -> EditSummary:
     if not checked:
-        raise DatasetError("No tag is ticked: nothing was removed.")
+        raise DatasetError(tr("No tag is ticked: nothing was removed."))
     return captions.remove_tags(checked)
 
 
@@ -463,11 +492,11 @@ def _bind(captions: CaptionSet, checked: list[str]) -> EditSummary:
 
 def _health(name, train_dir, resolution, repeats, batch_size):
     try:
-        folder = _server_folder(train_dir, "training folder") if (train_dir or "").strip() else _project(name).pictures
+        folder = _server_folder(train_dir, tr("training folder")) if (train_dir or "").strip() else _project(name).pictures
         report = check_dataset(folder, int(resolution or 0), int(repeats or 0), int(batch_size or 0))
     except TrainToolsError as error:
         return _error(error), {"headers": FINDING_HEADERS, "data": []}
-    rows = [[f.severity, _shown(f.path, [folder]) if f.path != folder else ".", f.message] for f in report.findings]
+    rows = [[KIND_LABELS.get(f.severity, f.severity), _shown(f.path, [folder]) if f.path != folder else ".", f.message] for f in report.findings]
     css = "train-tools-error" if report.with_severity("error") else "train-tools-ok"
     summary = f"<div class='{css}'>{html.escape(str(folder))}: {html.escape(report.summary)}</div>"
     return summary, {"headers": FINDING_HEADERS, "data": rows}
@@ -478,23 +507,23 @@ def _health(name, train_dir, resolution, repeats, batch_size):
 def _import_section() -> dict:
     c: dict = {}
     with gr.Row():
-        c["uploads"] = gr.File(label="Upload pictures, their .txt captions, or a .zip", file_count="multiple",
+        c["uploads"] = gr.File(label=tr("Upload pictures, their .txt captions, or a .zip"), file_count="multiple",
                                file_types=["image", ".txt", ".caption", ".zip"], elem_id="train_tools_ds_uploads")
         with gr.Column():
-            c["folder"] = gr.Textbox(label="…and/or a folder on this server (copied, never changed)",
+            c["folder"] = gr.Textbox(label=tr("…and/or a folder on this server (copied, never changed)"),
                                      elem_id="train_tools_ds_folder")
-            c["background"] = gr.ColorPicker("#ffffff", label="Background behind transparent parts",
+            c["background"] = gr.ColorPicker("#ffffff", label=tr("Background behind transparent parts"),
                                              elem_id="train_tools_ds_background")
     with gr.Row():
-        c["crop"] = gr.Radio([CROP_KEEP, CROP_SQUARE, CROP_SIZE], value=CROP_KEEP, label="Crop",
+        c["crop"] = gr.Radio([CROP_KEEP, CROP_SQUARE, CROP_SIZE], value=CROP_KEEP, label=tr("Crop"),
                              elem_id="train_tools_ds_crop")
-        c["resolution"] = gr.Number(TrainConfig().resolution, label="Training resolution", precision=0,
+        c["resolution"] = gr.Number(TrainConfig().resolution, label=tr("Training resolution"), precision=0,
                                     elem_id="train_tools_ds_resolution")
-        c["width"] = gr.Number(512, label="Crop width", precision=0, elem_id="train_tools_ds_width")
-        c["height"] = gr.Number(768, label="Crop height", precision=0, elem_id="train_tools_ds_height")
+        c["width"] = gr.Number(512, label=tr("Crop width"), precision=0, elem_id="train_tools_ds_width")
+        c["height"] = gr.Number(768, label=tr("Crop height"), precision=0, elem_id="train_tools_ds_height")
         c["upscaler"] = gr.Dropdown([NO_UPSCALER, *[u.name for u in shared.sd_upscalers if u.name != "None"]],
-                                    value=NO_UPSCALER, label="Upscale small pictures with", elem_id="train_tools_ds_upscaler")
-    c["import"] = gr.Button("Import", variant="primary", elem_id="train_tools_ds_import")
+                                    value=NO_UPSCALER, label=tr("Upscale small pictures with"), elem_id="train_tools_ds_upscaler")
+    c["import"] = gr.Button(tr("Import"), variant="primary", elem_id="train_tools_ds_import")
     c["report"] = gr.HTML(elem_id="train_tools_ds_import_report")
     return c
 
@@ -503,19 +532,19 @@ def _tagging_section() -> dict:
     c: dict = {}
     choices = _tagger_choices()
     with gr.Row():
-        c["tagger"] = gr.Dropdown(choices, value=choices[0], label="Tagger", elem_id="train_tools_ds_tagger")
-        c["general"] = gr.Slider(0.0, 1.0, 0.35, step=0.01, label="General tag threshold (WD14)",
+        c["tagger"] = gr.Dropdown(choices, value=choices[0], label=tr("Tagger"), elem_id="train_tools_ds_tagger")
+        c["general"] = gr.Slider(0.0, 1.0, 0.35, step=0.01, label=tr("General tag threshold (WD14)"),
                                  elem_id="train_tools_ds_general_threshold")
-        c["character"] = gr.Slider(0.0, 1.0, 0.85, step=0.01, label="Character tag threshold (WD14)",
+        c["character"] = gr.Slider(0.0, 1.0, 0.85, step=0.01, label=tr("Character tag threshold (WD14)"),
                                    elem_id="train_tools_ds_character_threshold")
     with gr.Row():
-        c["mode"] = gr.Radio(list(MODES), value="append", label="Existing captions", elem_id="train_tools_ds_tag_mode")
-        c["use_trigger"] = gr.Checkbox(True, label="Put the trigger words first", elem_id="train_tools_ds_tag_prefix")
-        c["blacklist"] = gr.Textbox(label="Never write these tags (comma-separated)", elem_id="train_tools_ds_blacklist")
+        c["mode"] = gr.Radio([(MODE_LABELS.get(m, m), m) for m in MODES], value="append", label=tr("Existing captions"), elem_id="train_tools_ds_tag_mode")
+        c["use_trigger"] = gr.Checkbox(True, label=tr("Put the trigger words first"), elem_id="train_tools_ds_tag_prefix")
+        c["blacklist"] = gr.Textbox(label=tr("Never write these tags (comma-separated)"), elem_id="train_tools_ds_blacklist")
     with gr.Row():
-        c["run"] = gr.Button("Tag pictures", variant="primary", elem_id="train_tools_ds_tag_run")
-        c["stop"] = gr.Button("Stop", elem_id="train_tools_ds_tag_stop")
-        c["install"] = gr.Button("Install onnxruntime", visible=False, elem_id="train_tools_ds_install_onnxruntime")
+        c["run"] = gr.Button(tr("Tag pictures"), variant="primary", elem_id="train_tools_ds_tag_run")
+        c["stop"] = gr.Button(tr("Stop"), elem_id="train_tools_ds_tag_stop")
+        c["install"] = gr.Button(tr("Install onnxruntime"), visible=False, elem_id="train_tools_ds_install_onnxruntime")
     with gr.Column(elem_id="train_tools_ds_progress_box"):  # the WebUI's progress bar goes in here
         gr.HTML(elem_id="train_tools_ds_progress")  # step text, written by javascript/train_tools.js
     c["status"] = gr.HTML(elem_id="train_tools_ds_tag_status")
@@ -528,43 +557,43 @@ def _curation_section() -> dict:
     c: dict = {}
     with gr.Row():
         with gr.Column(scale=2):
-            c["table"] = gr.Dataframe(headers=TAG_HEADERS, datatype=["str", "number"], interactive=False,
-                                      label="Tags (click one to pick it)", elem_id="train_tools_ds_tag_table")
+            c["table"] = gr.Dataframe(headers=TAG_COLUMNS[0], datatype=TAG_COLUMNS[1], interactive=False,
+                                      label=tr("Tags (click one to pick it)"), elem_id="train_tools_ds_tag_table")
             c["tags"] = gr.State([])
             with gr.Row():
-                c["tag"] = gr.Textbox(label="Tag", elem_id="train_tools_ds_tag")
-                c["remove"] = gr.Button("Remove everywhere", elem_id="train_tools_ds_remove")
+                c["tag"] = gr.Textbox(label=tr("Tag"), elem_id="train_tools_ds_tag")
+                c["remove"] = gr.Button(tr("Remove everywhere"), elem_id="train_tools_ds_remove")
             with gr.Row():
-                c["new_tag"] = gr.Textbox(label="Replace with", elem_id="train_tools_ds_new_tag")
-                c["replace"] = gr.Button("Replace / rename", elem_id="train_tools_ds_replace")
+                c["new_tag"] = gr.Textbox(label=tr("Replace with"), elem_id="train_tools_ds_new_tag")
+                c["replace"] = gr.Button(tr("Replace / rename"), elem_id="train_tools_ds_replace")
             with gr.Row():
-                c["add_images"] = gr.Dropdown([], multiselect=True, label="Images to add the tag to",
+                c["add_images"] = gr.Dropdown([], multiselect=True, label=tr("Images to add the tag to"),
                                               elem_id="train_tools_ds_add_images")
-                c["add"] = gr.Button("Add tag", elem_id="train_tools_ds_add")
+                c["add"] = gr.Button(tr("Add tag"), elem_id="train_tools_ds_add")
             with gr.Row():
-                c["dedupe"] = gr.Button("Remove duplicate tags", elem_id="train_tools_ds_dedupe")
-                c["undo"] = gr.Button("Undo", interactive=False, elem_id="train_tools_ds_undo")
-                c["refresh"] = gr.Button("Reload from disk", elem_id="train_tools_ds_refresh")
+                c["dedupe"] = gr.Button(tr("Remove duplicate tags"), elem_id="train_tools_ds_dedupe")
+                c["undo"] = gr.Button(tr("Undo"), interactive=False, elem_id="train_tools_ds_undo")
+                c["refresh"] = gr.Button(tr("Reload from disk"), elem_id="train_tools_ds_refresh")
             with gr.Group():
-                c["propose"] = gr.Button("★ Bind features to trigger: propose", elem_id="train_tools_ds_bind_propose")
-                c["proposals"] = gr.CheckboxGroup([], label="Tick the tags to remove", visible=False,
+                c["propose"] = gr.Button(tr("★ Bind features to trigger: propose"), elem_id="train_tools_ds_bind_propose")
+                c["proposals"] = gr.CheckboxGroup([], label=tr("Tick the tags to remove"), visible=False,
                                                   elem_id="train_tools_ds_bind_tags")
-                c["confirm"] = gr.Button("Confirm: remove the ticked tags", visible=False, variant="primary",
+                c["confirm"] = gr.Button(tr("Confirm: remove the ticked tags"), visible=False, variant="primary",
                                          elem_id="train_tools_ds_bind_confirm")
             c["message"] = gr.HTML(elem_id="train_tools_ds_tag_message")
             c["refused"] = gr.HTML(elem_id="train_tools_ds_refused")
         with gr.Column(scale=3):
-            c["gallery"] = gr.Gallery(label="Pictures (click one)", columns=6, height=360, allow_preview=False,
+            c["gallery"] = gr.Gallery(label=tr("Pictures (click one)"), columns=6, height=360, allow_preview=False,
                                       elem_id="train_tools_ds_gallery")
             c["names"] = gr.State([])
-            c["selected"] = gr.Textbox(label="Selected picture", interactive=False, elem_id="train_tools_ds_selected")
+            c["selected"] = gr.Textbox(label=tr("Selected picture"), interactive=False, elem_id="train_tools_ds_selected")
             with gr.Row():
-                c["image_tags"] = gr.Textbox(label="Its tags", lines=3, elem_id="train_tools_ds_image_tags", scale=4)
-                c["save"] = gr.Button("Save tags", elem_id="train_tools_ds_image_save", scale=1)
+                c["image_tags"] = gr.Textbox(label=tr("Its tags"), lines=3, elem_id="train_tools_ds_image_tags", scale=4)
+                c["save"] = gr.Button(tr("Save tags"), elem_id="train_tools_ds_image_save", scale=1)
             with gr.Row():
-                c["focus"] = gr.Image(label="Original: click the point to keep in view when cropping", type="pil",
+                c["focus"] = gr.Image(label=tr("Original: click the point to keep in view when cropping"), type="pil",
                                       interactive=False, elem_id="train_tools_ds_focus")
-                c["prepared"] = gr.Image(label="Training picture", type="pil", interactive=False,
+                c["prepared"] = gr.Image(label=tr("Training picture"), type="pil", interactive=False,
                                          elem_id="train_tools_ds_prepared")
             c["focus_message"] = gr.HTML(elem_id="train_tools_ds_focus_message")
     return c
@@ -574,15 +603,15 @@ def _health_section() -> dict:
     c: dict = {}
     d = TrainConfig()
     with gr.Row():
-        c["resolution"] = gr.Number(d.resolution, label="Resolution (as on the Train page)", precision=0,
+        c["resolution"] = gr.Number(d.resolution, label=tr("Resolution (as on the Train page)"), precision=0,
                                     elem_id="train_tools_ds_health_resolution")
-        c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder)", precision=0,
+        c["repeats"] = gr.Number(d.repeats, label=tr("Repeats (flat folder)"), precision=0,
                                  elem_id="train_tools_ds_health_repeats")
-        c["batch_size"] = gr.Number(d.batch_size, label="Batch size (as on the Train page)", precision=0,
+        c["batch_size"] = gr.Number(d.batch_size, label=tr("Batch size (as on the Train page)"), precision=0,
                                     elem_id="train_tools_ds_health_batch")
-        c["check"] = gr.Button("Check the dataset", variant="primary", elem_id="train_tools_ds_health_check")
+        c["check"] = gr.Button(tr("Check the dataset"), variant="primary", elem_id="train_tools_ds_health_check")
         # Encodes the pictures and captions ahead with the Train page's settings, where its progress shows.
-        c["prepare"] = gr.Button("Prepare for training (on the Train page)", elem_id="train_tools_ds_prepare")
+        c["prepare"] = gr.Button(tr("Prepare for training (on the Train page)"), elem_id="train_tools_ds_prepare")
     c["summary"] = gr.HTML(elem_id="train_tools_ds_health_summary")
     c["findings"] = gr.Dataframe(headers=FINDING_HEADERS, interactive=False, wrap=True,
                                  elem_id="train_tools_ds_health_findings")
@@ -638,12 +667,12 @@ def _wire(name, trigger, train_dir, imp: dict, tag: dict, cur: dict, health: dic
 
 def build(name: gr.Dropdown, trigger: gr.Textbox, train_dir: gr.Textbox) -> None:
     """Lay out the page inside the caller's Blocks; an import sets the Train page's ``train_dir``."""
-    with gr.Accordion("1. Import pictures into the project", open=True):
+    with gr.Accordion(tr("1. Import pictures into the project"), open=True):
         imp = _import_section()
-    with gr.Accordion("2. Auto-tag", open=True):
+    with gr.Accordion(tr("2. Auto-tag"), open=True):
         tag = _tagging_section()
-    with gr.Accordion("3. Tags", open=True):
+    with gr.Accordion(tr("3. Tags"), open=True):
         cur = _curation_section()
-    with gr.Accordion("4. Health check", open=True):
+    with gr.Accordion(tr("4. Health check"), open=True):
         health = _health_section()
     _wire(name, trigger, train_dir, imp, tag, cur, health)

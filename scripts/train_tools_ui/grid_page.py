@@ -11,6 +11,7 @@ import gradio as gr
 from modules import call_queue, sd_samplers, shared
 
 from lib_train.common.errors import TrainToolsError
+from lib_train.common.i18n import tr
 from lib_train.preview.grid_spec import default_prompt, epoch_files, read_lora_metadata
 from lib_train.webui.grid_render import check_base_model
 
@@ -41,7 +42,7 @@ def _render(id_task: str, name: str, *values):
     grid = Path(job.grid_folder) / "grid.png" if job.grid_folder else None
     text = job.error or job.message
     if job.model_restored:
-        text += " The live model is unchanged (verified by hash)."
+        text += tr(" The live model is unchanged (verified by hash).")
     return (str(grid) if grid else None), job.grid_folder, _message(text, error=job.state == "failed")
 
 
@@ -54,7 +55,7 @@ def _render_after_training(id_task: str, want: bool, name: str, *values):
         return gr.update(), gr.update(), gr.update()
     job = jobs().current
     if job is None or job.kind != "train" or job.state not in ("done", "stopped") or not job.saved_files:
-        return gr.update(), gr.update(), _message("No preview grid: the training saved no file.")
+        return gr.update(), gr.update(), _message(tr("No preview grid: the training saved no file."))
     return _render_in_queue(id_task, name, *values)
 
 
@@ -72,15 +73,16 @@ def _model_check(name: str):
     name = name.strip()
     files = epoch_files(jobs().folders.lora_dir / name, name) if name else []
     if not files:
-        return _message("No saved files for this name yet."), gr.update(visible=False), ""
+        return _message(tr("No saved files for this name yet.")), gr.update(visible=False), ""
     check = check_base_model(jobs().webui, read_lora_metadata(files[0].path) or {})
     if check.matches:
-        return _message(f"{len(files)} file(s); trained on the loaded checkpoint."), gr.update(visible=False), ""
+        return _message(tr("{count_files} file(s); trained on the loaded checkpoint.", count_files=len(files))), gr.update(visible=False), ""
     if check.switch_to is None:
-        return _message(f"Trained on {check.trained_on}, which is not in the WebUI's checkpoint list; "
-                        f"{check.loaded} is loaded.", error=True), gr.update(visible=False), ""
-    return (_message(f"Trained on {check.switch_to}, but {check.loaded} is loaded.", error=True),
-            gr.update(visible=True, value=f"Switch back to {check.switch_to}"), check.switch_to)
+        return _message(tr("Trained on {trained_on}, which is not in the WebUI's checkpoint list; {loaded} is "
+                           "loaded.", trained_on=check.trained_on, loaded=check.loaded), error=True), gr.update(visible=False), ""
+    return (_message(tr("Trained on {switch_to}, but {loaded} is loaded.", switch_to=check.switch_to,
+                        loaded=check.loaded), error=True),
+            gr.update(visible=True, value=tr("Switch back to {switch_to}", switch_to=check.switch_to)), check.switch_to)
 
 
 def _switch_back(title: str) -> str:
@@ -88,7 +90,8 @@ def _switch_back(title: str) -> str:
         return ""
     shared.opts.set("sd_model_checkpoint", title)  # its onchange reloads the weights through the queue
     shared.opts.save(shared.config_filename)
-    return _message(f"Switched to {title}. The checkpoint box at the top shows it after a page reload.")
+    return _message(tr("Switched to {title}. The checkpoint box at the top shows it after a page reload.",
+                       title=title))
 
 
 def _pick(name: str, grid_folder: str, evt: gr.SelectData):
@@ -100,66 +103,68 @@ def _pick(name: str, grid_folder: str, evt: gr.SelectData):
     except TrainToolsError as error:
         return None, "", _message(str(error), error=True)
     if picked is None:
-        return None, "", _message("Click on a picture of the grid.")
+        return None, "", _message(tr("Click on a picture of the grid."))
     label = "final" if picked.is_final else f"epoch {picked.epoch}"
     choice = json.dumps({"file": str(picked.file), "weight": picked.weight, "picture": str(picked.picture)})
-    return str(picked.picture), choice, _message(f"{label} at weight {picked.weight:g} ({picked.file.name})")
+    return str(picked.picture), choice, _message(tr("{label} at weight {weight:g} ({name})", label=label,
+                                                    weight=picked.weight, name=picked.file.name))
 
 
 def _choose(name: str, choice: str, delete_others: bool) -> str:
     if not choice:
-        return _message("Click a cell of the grid first.", error=True)
+        return _message(tr("Click a cell of the grid first."), error=True)
     picked = json.loads(choice)
     try:
         result = jobs().choose(name, Path(picked["file"]), picked["weight"], Path(picked["picture"]), delete_others)
     except TrainToolsError as error:
         return _message(str(error), error=True)
-    deleted = f" Deleted {len(result.deleted)} other file(s)." if result.deleted else ""
-    return _message(f"{result.final_path.name} is now {result.chosen.label} (preview and preferred weight "
-                    f"{result.weight:g} on its card).{deleted} Refresh the Lora cards to see it.")
+    deleted = tr(" Deleted {count_deleted} other file(s).", count_deleted=len(result.deleted)) if result.deleted else ""
+    return _message(tr("{name} is now {label} (preview and preferred weight {weight:g} on its card).{deleted} "
+                       "Refresh the Lora cards to see it.", name=result.final_path.name, label=result.chosen.label,
+                       weight=result.weight, deleted=deleted))
 
 
 def build(name: gr.Dropdown, trigger: gr.Textbox, train_event) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="train_tools_grid_prompt")
-                fill = gr.Button("Fill from the training captions", elem_id="train_tools_grid_fill")
-            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="train_tools_grid_negative")
+                prompt = gr.Textbox(label=tr("Prompt"), lines=2, elem_id="train_tools_grid_prompt")
+                fill = gr.Button(tr("Fill from the training captions"), elem_id="train_tools_grid_fill")
+            negative = gr.Textbox(label=tr("Negative prompt"), lines=1, elem_id="train_tools_grid_negative")
             with gr.Row():
-                sampler = gr.Dropdown(sd_samplers.visible_sampler_names(), value="Euler a", label="Sampler",
+                sampler = gr.Dropdown(sd_samplers.visible_sampler_names(), value="Euler a", label=tr("Sampler"),
                                       elem_id="train_tools_grid_sampler")
-                steps = gr.Slider(1, 150, 20, step=1, label="Steps", elem_id="train_tools_grid_steps")
-                cfg = gr.Slider(1, 30, 7, step=0.5, label="CFG scale", elem_id="train_tools_grid_cfg")
+                steps = gr.Slider(1, 150, 20, step=1, label=tr("Steps"), elem_id="train_tools_grid_steps")
+                cfg = gr.Slider(1, 30, 7, step=0.5, label=tr("CFG scale"), elem_id="train_tools_grid_cfg")
             with gr.Row():
-                width = gr.Slider(64, 2048, 512, step=8, label="Width", elem_id="train_tools_grid_width")
-                height = gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="train_tools_grid_height")
+                width = gr.Slider(64, 2048, 512, step=8, label=tr("Width"), elem_id="train_tools_grid_width")
+                height = gr.Slider(64, 2048, 512, step=8, label=tr("Height"), elem_id="train_tools_grid_height")
             with gr.Row():
-                weights = gr.Textbox("0.4, 0.6, 0.8, 1.0", label="Lora weights (X axis)", elem_id="train_tools_grid_weights")
-                epochs = gr.Textbox("all", label="Epochs (Y axis): all, or e.g. 2, 4, 6", elem_id="train_tools_grid_epochs")
-                seeds = gr.Textbox("1234", label="Seed (several with the seed axis)", elem_id="train_tools_grid_seeds")
+                weights = gr.Textbox("0.4, 0.6, 0.8, 1.0", label=tr("Lora weights (X axis)"), elem_id="train_tools_grid_weights")
+                epochs = gr.Textbox("all", label=tr("Epochs (Y axis): all, or e.g. 2, 4, 6"), elem_id="train_tools_grid_epochs")
+                seeds = gr.Textbox("1234", label=tr("Seed (several with the seed axis)"), elem_id="train_tools_grid_seeds")
             with gr.Row():
-                third_axis = gr.Radio(["none", "seed", "cfg"], value="none", label="Third axis",
+                third_axis = gr.Radio([(tr("none"), "none"), (tr("seed"), "seed"), ("CFG", "cfg")], value="none", label=tr("Third axis"),
                                       elem_id="train_tools_grid_third_axis")
-                cfg_values = gr.Textbox("", label="CFG scales (with the cfg axis)", elem_id="train_tools_grid_cfg_values")
-                after_training = gr.Checkbox(False, label="Generate after training", elem_id="train_tools_grid_after_training")
+                cfg_values = gr.Textbox("", label=tr("CFG scales (with the cfg axis)"), elem_id="train_tools_grid_cfg_values")
+                after_training = gr.Checkbox(False, label=tr("Generate after training"), elem_id="train_tools_grid_after_training")
             with gr.Row():
-                check = gr.Button("Check base model", elem_id="train_tools_grid_check")
-                switch = gr.Button("Switch back", visible=False, elem_id="train_tools_grid_switch")
-                render = gr.Button("Render grid", variant="primary", elem_id="train_tools_grid_render")
-                stop = gr.Button("Stop", elem_id="train_tools_grid_stop")
+                check = gr.Button(tr("Check base model"), elem_id="train_tools_grid_check")
+                switch = gr.Button(tr("Switch back"), visible=False, elem_id="train_tools_grid_switch")
+                render = gr.Button(tr("Render grid"), variant="primary", elem_id="train_tools_grid_render")
+                stop = gr.Button(tr("Stop"), elem_id="train_tools_grid_stop")
         with gr.Column(scale=3):
             gr.HTML(elem_id="train_tools_grid_progress")  # written by javascript/train_tools.js
             status = gr.HTML(elem_id="train_tools_grid_status")
-            grid = gr.Image(label="Grid: click a cell", type="filepath", interactive=False, elem_id="train_tools_grid_image")
+            grid = gr.Image(label=tr("Grid: click a cell"), type="filepath", interactive=False, elem_id="train_tools_grid_image")
             with gr.Row():
-                cell = gr.Image(label="Picked cell", type="filepath", interactive=False, height=256,
+                cell = gr.Image(label=tr("Picked cell"), type="filepath", interactive=False, height=256,
                                 elem_id="train_tools_grid_cell")
                 with gr.Column():
                     picked_text = gr.HTML(elem_id="train_tools_grid_picked")
-                    delete_others = gr.Checkbox(False, label="Delete the other epoch files",
+                    delete_others = gr.Checkbox(False, label=tr("Delete the other epoch files"),
                                                 elem_id="train_tools_grid_delete_others")
-                    use = gr.Button("Use this epoch at this weight", elem_id="train_tools_grid_use")
+                    use = gr.Button(tr("Use this epoch at this weight"), elem_id="train_tools_grid_use")
             choice_result = gr.HTML(elem_id="train_tools_grid_choice")
 
     grid_folder, switch_title, choice = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Textbox(visible=False)

@@ -14,12 +14,14 @@ import gradio as gr
 from modules import call_queue, sd_models, sd_samplers, shared, ui_common
 
 from lib_train.common.errors import TrainToolsError
+from lib_train.common.i18n import tr
 from lib_train.dataset.training_data import IMAGE_EXTENSIONS
 from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
 from lib_train.engine.optim import OPTIMIZER_KINDS
 from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
 
+from . import presets_row
 from .webui_context import jobs
 
 
@@ -31,26 +33,27 @@ def _setting_components() -> tuple[dict[str, gr.components.Component], dict[str,
     c: dict[str, gr.components.Component] = {}
     extras: dict[str, gr.components.Component] = {}
     with gr.Row():
-        c["resolution"] = gr.Slider(256, 2048, d.resolution, step=64, label="Resolution", elem_id="train_tools_resolution")
-        c["epochs"] = gr.Number(d.epochs, label="Epochs", precision=0, elem_id="train_tools_epochs")
-        c["repeats"] = gr.Number(d.repeats, label="Repeats (flat folder or uploads)", precision=0, elem_id="train_tools_repeats")
-        c["batch_size"] = gr.Number(d.batch_size, label="Batch size", precision=0, elem_id="train_tools_batch_size")
+        c["resolution"] = gr.Slider(256, 2048, d.resolution, step=64, label=tr("Resolution"), elem_id="train_tools_resolution")
+        c["epochs"] = gr.Number(d.epochs, label=tr("Epochs"), precision=0, elem_id="train_tools_epochs")
+        c["repeats"] = gr.Number(d.repeats, label=tr("Repeats (flat folder or uploads)"), precision=0, elem_id="train_tools_repeats")
+        c["batch_size"] = gr.Number(d.batch_size, label=tr("Batch size"), precision=0, elem_id="train_tools_batch_size")
     with gr.Row():
-        c["rank"] = gr.Number(d.rank, label="Rank", precision=0, elem_id="train_tools_rank")
-        c["alpha"] = gr.Number(d.alpha, label="Alpha", elem_id="train_tools_alpha")
-        c["unet_lr"] = gr.Number(d.unet_lr, label="UNet learning rate", elem_id="train_tools_unet_lr")
-        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder learning rate (0: UNet only, each "
-                                         "caption then encoded once)", elem_id="train_tools_text_encoder_lr")
-        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label="Optimizer", elem_id="train_tools_optimizer")
+        c["rank"] = gr.Number(d.rank, label=tr("Rank"), precision=0, elem_id="train_tools_rank")
+        c["alpha"] = gr.Number(d.alpha, label=tr("Alpha"), elem_id="train_tools_alpha")
+        c["unet_lr"] = gr.Number(d.unet_lr, label=tr("UNet learning rate"), elem_id="train_tools_unet_lr")
+        c["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label=tr("Text encoder learning rate (0: UNet only, "
+                                                                     "each caption then encoded once)"), elem_id="train_tools_text_encoder_lr")
+        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=d.optimizer, label=tr("Optimizer"), elem_id="train_tools_optimizer")
     with gr.Row():
-        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label="Save every N epochs", precision=0, elem_id="train_tools_save_every_n_epochs")
-        c["seed"] = gr.Number(d.seed, label="Seed", precision=0, elem_id="train_tools_seed")
-        c["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite existing files", elem_id="train_tools_overwrite")
-        c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label="Skip unusable files (listed, left untouched)",
+        c["save_every_n_epochs"] = gr.Number(d.save_every_n_epochs, label=tr("Save every N epochs"), precision=0, elem_id="train_tools_save_every_n_epochs")
+        c["seed"] = gr.Number(d.seed, label=tr("Seed"), precision=0, elem_id="train_tools_seed")
+        c["overwrite"] = gr.Checkbox(d.overwrite, label=tr("Overwrite existing files"), elem_id="train_tools_overwrite")
+        c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label=tr("Skip unusable files (listed, left "
+                                                                               "untouched)"),
                                                elem_id="train_tools_skip_unusable_files")
     _sample_settings(c, extras, d)
     _regularization_settings(c, extras, d)
-    with gr.Accordion("Advanced", open=False, elem_id="train_tools_advanced"):
+    with gr.Accordion(tr("Advanced"), open=False, elem_id="train_tools_advanced"):
         _network_settings(c, d)
         _optimizer_settings(c, d)
         _loss_settings(c, d)
@@ -108,16 +111,17 @@ def _network_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
         c["network_type"] = gr.Dropdown(
             list(NETWORK_TYPES), value=d.network_type, elem_id="train_tools_network_type",
-            label="Network type: lora (kohya LoRA; LoCon when the conv rank is above 0), locon (LoRA + 3x3 convs), "
-                  "loha / lokr (LyCORIS LoHa, LoKr: more expressive per parameter, larger layer set)")
-        c["dora"] = gr.Checkbox(d.dora, label="DoRA: weight decomposition, a trained magnitude per input channel "
-                                "(LoRA/LoCon only; slower steps)", elem_id="train_tools_dora")
+            label=tr("Network type: lora (kohya LoRA; LoCon when the conv rank is above 0), locon (LoRA + 3x3 "
+                     "convs), loha / lokr (LyCORIS LoHa, LoKr: more expressive per parameter, larger layer set)"))
+        c["dora"] = gr.Checkbox(d.dora, label=tr("DoRA: weight decomposition, a trained magnitude per input channel "
+                                                 "(LoRA/LoCon only; slower steps)"), elem_id="train_tools_dora")
     with gr.Row():
-        c["conv_rank"] = gr.Number(d.conv_rank, label="Conv rank (0: off)", precision=0, elem_id="train_tools_conv_rank")
-        c["conv_alpha"] = gr.Number(d.conv_alpha, label="Conv alpha", elem_id="train_tools_conv_alpha")
-        c["lokr_factor"] = gr.Number(d.lokr_factor, label="LoKr factor (-1: balanced split, smallest file; "
-                                     "4-16: more capacity; LoKr only)", precision=0, elem_id="train_tools_lokr_factor")
-        c["decompose_both"] = gr.Checkbox(d.decompose_both, label="LoKr: low-rank small factor too (decompose both)",
+        c["conv_rank"] = gr.Number(d.conv_rank, label=tr("Conv rank (0: off)"), precision=0, elem_id="train_tools_conv_rank")
+        c["conv_alpha"] = gr.Number(d.conv_alpha, label=tr("Conv alpha"), elem_id="train_tools_conv_alpha")
+        c["lokr_factor"] = gr.Number(d.lokr_factor, label=tr("LoKr factor (-1: balanced split, smallest file; 4-16: "
+                                                             "more capacity; LoKr only)"), precision=0, elem_id="train_tools_lokr_factor")
+        c["decompose_both"] = gr.Checkbox(d.decompose_both, label=tr("LoKr: low-rank small factor too (decompose "
+                                                                     "both)"),
                                           elem_id="train_tools_decompose_both")
 
 
@@ -125,19 +129,19 @@ def _optimizer_settings(c: dict, d: TrainConfig) -> None:
     hint = gr.Markdown(_optimizer_hint(d.optimizer), elem_id="train_tools_optimizer_hint")
     c["optimizer"].change(fn=_optimizer_hint, inputs=[c["optimizer"]], outputs=[hint])
     with gr.Row():
-        c["optimizer_args"] = gr.Textbox("", label="Optimizer arguments (key=value, as kohya's --optimizer_args: "
-                                         "d_coef=0.5 betas=(0.9, 0.99))", elem_id="train_tools_optimizer_args")
-        c["weight_decay"] = gr.Number(d.weight_decay, label="Weight decay", elem_id="train_tools_weight_decay")
-        c["lr_finder_steps"] = gr.Number(d.lr_finder_steps, label="Learning-rate finder steps", precision=0,
+        c["optimizer_args"] = gr.Textbox("", label=tr("Optimizer arguments (key=value, as kohya's --optimizer_args: "
+                                                      "d_coef=0.5 betas=(0.9, 0.99))"), elem_id="train_tools_optimizer_args")
+        c["weight_decay"] = gr.Number(d.weight_decay, label=tr("Weight decay"), elem_id="train_tools_weight_decay")
+        c["lr_finder_steps"] = gr.Number(d.lr_finder_steps, label=tr("Learning-rate finder steps"), precision=0,
                                          elem_id="train_tools_lr_finder_steps")
     with gr.Row():
-        c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="Scheduler", elem_id="train_tools_lr_scheduler")
-        c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train_tools_lr_warmup_steps")
-        c["lr_warmup_ratio"] = gr.Number(d.lr_warmup_ratio, label="…or warmup as a ratio of all steps (0.05)",
+        c["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label=tr("Scheduler"), elem_id="train_tools_lr_scheduler")
+        c["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label=tr("Warmup steps"), precision=0, elem_id="train_tools_lr_warmup_steps")
+        c["lr_warmup_ratio"] = gr.Number(d.lr_warmup_ratio, label=tr("…or warmup as a ratio of all steps (0.05)"),
                                          elem_id="train_tools_lr_warmup_ratio")
-        c["lr_scheduler_num_cycles"] = gr.Number(d.lr_scheduler_num_cycles, label="Cycles (cosine_with_restarts)",
+        c["lr_scheduler_num_cycles"] = gr.Number(d.lr_scheduler_num_cycles, label=tr("Cycles (cosine_with_restarts)"),
                                                  precision=0, elem_id="train_tools_lr_scheduler_num_cycles")
-        c["lr_scheduler_power"] = gr.Number(d.lr_scheduler_power, label="Power (polynomial)",
+        c["lr_scheduler_power"] = gr.Number(d.lr_scheduler_power, label=tr("Power (polynomial)"),
                                             elem_id="train_tools_lr_scheduler_power")
 
 
@@ -149,71 +153,75 @@ def _optimizer_hint(name: str) -> str:
 
 def _loss_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
-        c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0: off)", elem_id="train_tools_min_snr_gamma")
-        c["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset", elem_id="train_tools_noise_offset")
-        c["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr, label="Zero terminal SNR (v-prediction models)",
+        c["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label=tr("Min-SNR gamma (0: off)"), elem_id="train_tools_min_snr_gamma")
+        c["noise_offset"] = gr.Number(d.noise_offset, label=tr("Noise offset"), elem_id="train_tools_noise_offset")
+        c["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr, label=tr("Zero terminal SNR (v-prediction models)"),
                                              elem_id="train_tools_zero_terminal_snr")
     with gr.Row():
-        c["loss_type"] = gr.Dropdown(list(LOSS_TYPES), value=d.loss_type, label="Loss (l2: the usual; huber, smooth_l1: "
-                                     "pictures far from the rest pull less)", elem_id="train_tools_loss_type")
-        c["huber_schedule"] = gr.Dropdown(list(HUBER_SCHEDULES), value=d.huber_schedule, label="Huber c over the "
-                                          "timesteps (snr: like L2 on the clean steps)", elem_id="train_tools_huber_schedule")
-        c["huber_c"] = gr.Number(d.huber_c, label="Huber c (errors below it count squared, above it linearly)",
+        c["loss_type"] = gr.Dropdown(list(LOSS_TYPES), value=d.loss_type, label=tr("Loss (l2: the usual; huber, "
+                                                                                   "smooth_l1: pictures far from the rest "
+                                                                                   "pull less)"), elem_id="train_tools_loss_type")
+        c["huber_schedule"] = gr.Dropdown(list(HUBER_SCHEDULES), value=d.huber_schedule, label=tr("Huber c over the timesteps (snr: like "
+                                                                                                  "L2 on the clean steps)"), elem_id="train_tools_huber_schedule")
+        c["huber_c"] = gr.Number(d.huber_c, label=tr("Huber c (errors below it count squared, above it linearly)"),
                                  elem_id="train_tools_huber_c")
-        c["huber_scale"] = gr.Number(d.huber_scale, label="Huber scale (exponential and constant schedules)",
+        c["huber_scale"] = gr.Number(d.huber_scale, label=tr("Huber scale (exponential and constant schedules)"),
                                      elem_id="train_tools_huber_scale")
     with gr.Row():
-        c["debiased_estimation_loss"] = gr.Checkbox(d.debiased_estimation_loss, label="Debiased estimation (weigh "
-                                                    "steps by 1/√SNR: more detail, less colour shift)",
+        c["debiased_estimation_loss"] = gr.Checkbox(d.debiased_estimation_loss, label=tr("Debiased estimation (weigh steps by "
+                                                                                         "1/√SNR: more detail, less colour "
+                                                                                         "shift)"),
                                                     elem_id="train_tools_debiased_estimation_loss")
-        c["multires_noise_iterations"] = gr.Number(d.multires_noise_iterations, label="Multi-resolution noise "
-                                                   "levels (0: off; 6-10)", precision=0,
+        c["multires_noise_iterations"] = gr.Number(d.multires_noise_iterations, label=tr("Multi-resolution noise levels (0: "
+                                                                                         "off; 6-10)"), precision=0,
                                                    elem_id="train_tools_multires_noise_iterations")
-        c["multires_noise_discount"] = gr.Number(d.multires_noise_discount, label="Multi-resolution noise discount "
-                                                 "(weight per coarser level)", elem_id="train_tools_multires_noise_discount")
-        c["ip_noise_gamma"] = gr.Number(d.ip_noise_gamma, label="Input perturbation noise (0: off; 0.1 regularises)",
+        c["multires_noise_discount"] = gr.Number(d.multires_noise_discount, label=tr("Multi-resolution noise discount "
+                                                                                     "(weight per coarser level)"), elem_id="train_tools_multires_noise_discount")
+        c["ip_noise_gamma"] = gr.Number(d.ip_noise_gamma, label=tr("Input perturbation noise (0: off; 0.1 "
+                                                                   "regularises)"),
                                         elem_id="train_tools_ip_noise_gamma")
     with gr.Row():
-        c["masked_loss"] = gr.Checkbox(d.masked_loss, label="Masked loss: transparent parts of the pictures do not "
-                                       "count", elem_id="train_tools_masked_loss")
-        c["loraplus_lr_ratio"] = gr.Number(d.loraplus_lr_ratio, label="LoRA+ ratio: up weights learn ratio × faster "
-                                           "(0: off; 16)", elem_id="train_tools_loraplus_lr_ratio")
-        c["loraplus_unet_lr_ratio"] = gr.Number(d.loraplus_unet_lr_ratio, label="LoRA+ ratio of the UNet only (0: the "
-                                                "LoRA+ ratio)", elem_id="train_tools_loraplus_unet_lr_ratio")
-        c["loraplus_text_encoder_lr_ratio"] = gr.Number(d.loraplus_text_encoder_lr_ratio, label="LoRA+ ratio of the "
-                                                        "text encoder only (0: the LoRA+ ratio)",
+        c["masked_loss"] = gr.Checkbox(d.masked_loss, label=tr("Masked loss: transparent parts of the pictures do "
+                                                               "not count"), elem_id="train_tools_masked_loss")
+        c["loraplus_lr_ratio"] = gr.Number(d.loraplus_lr_ratio, label=tr("LoRA+ ratio: up weights learn ratio × "
+                                                                         "faster (0: off; 16)"), elem_id="train_tools_loraplus_lr_ratio")
+        c["loraplus_unet_lr_ratio"] = gr.Number(d.loraplus_unet_lr_ratio, label=tr("LoRA+ ratio of the UNet only (0: the "
+                                                                                   "LoRA+ ratio)"), elem_id="train_tools_loraplus_unet_lr_ratio")
+        c["loraplus_text_encoder_lr_ratio"] = gr.Number(d.loraplus_text_encoder_lr_ratio, label=tr("LoRA+ ratio of the text encoder only "
+                                                                                                   "(0: the LoRA+ ratio)"),
                                                         elem_id="train_tools_loraplus_text_encoder_lr_ratio")
 
 
 def _data_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
-        c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label="Aspect-ratio buckets", elem_id="train_tools_enable_buckets")
-        c["min_bucket_reso"] = gr.Number(d.min_bucket_reso, label="Smallest bucket side", precision=0, elem_id="train_tools_min_bucket_reso")
-        c["max_bucket_reso"] = gr.Number(d.max_bucket_reso, label="Largest bucket side", precision=0, elem_id="train_tools_max_bucket_reso")
-        c["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation", elem_id="train_tools_flip_aug")
+        c["enable_buckets"] = gr.Checkbox(d.enable_buckets, label=tr("Aspect-ratio buckets"), elem_id="train_tools_enable_buckets")
+        c["min_bucket_reso"] = gr.Number(d.min_bucket_reso, label=tr("Smallest bucket side"), precision=0, elem_id="train_tools_min_bucket_reso")
+        c["max_bucket_reso"] = gr.Number(d.max_bucket_reso, label=tr("Largest bucket side"), precision=0, elem_id="train_tools_max_bucket_reso")
+        c["flip_aug"] = gr.Checkbox(d.flip_aug, label=tr("Flip augmentation"), elem_id="train_tools_flip_aug")
     with gr.Row():
-        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label="Shuffle tags (captions are then encoded at every "
-                                           "step: slower, more VRAM on SDXL)", elem_id="train_tools_shuffle_caption")
-        c["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0, elem_id="train_tools_keep_tokens")
-        c["caption_tag_dropout_rate"] = gr.Number(d.caption_tag_dropout_rate, label="Tag dropout (each tag after the "
-                                                  "kept ones left out this often; encoded at every step too)",
+        c["shuffle_caption"] = gr.Checkbox(d.shuffle_caption, label=tr("Shuffle tags (captions are then encoded at "
+                                                                       "every step: slower, more VRAM on SDXL)"), elem_id="train_tools_shuffle_caption")
+        c["keep_tokens"] = gr.Number(d.keep_tokens, label=tr("Keep first N tags"), precision=0, elem_id="train_tools_keep_tokens")
+        c["caption_tag_dropout_rate"] = gr.Number(d.caption_tag_dropout_rate, label=tr("Tag dropout (each tag after the kept "
+                                                                                       "ones left out this often; encoded at "
+                                                                                       "every step too)"),
                                                   elem_id="train_tools_caption_tag_dropout_rate")
 
 
 def _memory_settings(c: dict, d: TrainConfig) -> None:
     with gr.Row():
-        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label="Mixed precision", elem_id="train_tools_mixed_precision")
-        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing (less VRAM)", elem_id="train_tools_gradient_checkpointing")
+        c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), value=d.mixed_precision, label=tr("Mixed precision"), elem_id="train_tools_mixed_precision")
+        c["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label=tr("Gradient checkpointing (less VRAM)"), elem_id="train_tools_gradient_checkpointing")
 
 
 def _base_model_text() -> str:
     model = sd_models.model_data.sd_model  # no load is triggered here
     info = getattr(model, "sd_checkpoint_info", None)
     if info is None:
-        return f"{shared.opts.sd_model_checkpoint} (not loaded yet)"
+        return tr("{sd_model_checkpoint} (not loaded yet)", sd_model_checkpoint=shared.opts.sd_model_checkpoint)
     kind = "SD1" if getattr(model, "is_sd1", False) else "SD2" if getattr(model, "is_sd2", False) else \
         "SDXL" if getattr(model, "is_sdxl", False) else "?"
-    return f"{info.title} — {kind}, hash {info.shorthash or info.hash}"
+    return tr("{title} — {kind}, hash {hash}", title=info.title, kind=kind, hash=info.shorthash or info.hash)
 
 
 def _import_uploads(files: list, name: str) -> str:
@@ -231,10 +239,10 @@ def _import_uploads(files: list, name: str) -> str:
 def _status_html(job) -> str:
     if job is None:
         return ""
-    text = html.escape(job.error or job.message or job.state)
+    text = html.escape(job.error or job.message or _STATES.get(job.state, job.state))
     css = "error" if job.state == "failed" or job.model_restored is False else ""
-    restored = {True: "The live model is unchanged (verified by hash).", False: "", None: ""}[job.model_restored]
-    return f"<div class='{css}'><b>{html.escape(job.state)}</b>: {text}<br>{restored}</div>"
+    restored = {True: tr("The live model is unchanged (verified by hash)."), False: "", None: ""}[job.model_restored]
+    return f"<div class='{css}'><b>{html.escape(_STATES.get(job.state, job.state))}</b>: {text}<br>{restored}</div>"
 
 
 def _files_html(job) -> str:
@@ -263,7 +271,10 @@ def _loss_frame(job):
     return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
 
 
-_PARTS = {"unet": "UNet", "text_encoder": "text encoder"}
+_PARTS = {"unet": "UNet", "text_encoder": tr("text encoder")}
+# A job's state as the status line shows it (the API keeps the English words).
+_STATES = {"queued": tr("queued"), "running": tr("running"), "done": tr("done"), "stopped": tr("stopped"),
+           "failed": tr("failed")}
 
 
 def _plot_update(job):
@@ -275,7 +286,7 @@ def _plot_update(job):
     rows = [(step, _PARTS[part], rate) for step, rates in job.lr_history for part, rate in rates.items()]
     frame = pd.DataFrame(rows, columns=["step", "part", "d·lr"])
     found = ", ".join(f"{_PARTS[part]} {rate:.1e}" for part, rate in job.learning_rates.items())
-    title = f"Learning rate found: {found}" if found else "Learning-rate estimate (d·lr)"
+    title = tr("Learning rate found: {found}", found=found) if found else tr("Learning-rate estimate (d·lr)")
     return gr.LinePlot.update(value=frame, x="step", y="d·lr", color="part", title=title, width=420, height=260)
 
 
@@ -375,7 +386,8 @@ def _cache_html(train_dir: str, done: str = "") -> str:
     if size is None:
         return ""
     limit = jobs().cache_folder(train_dir).limit_bytes / 2**30
-    return html.escape(f"{done}Cache of this folder: {size.describe()} (at most {limit:g} GB).")
+    return html.escape(tr("{done}Cache of this folder: {value} (at most {limit:g} GB).", done=done,
+                          value=size.describe(), limit=limit))
 
 
 def _clear_cache(train_dir: str) -> str:
@@ -383,7 +395,7 @@ def _clear_cache(train_dir: str) -> str:
         removed = jobs().clear_cache(train_dir or "")
     except TrainToolsError as error:
         return f"<div class='error'>{html.escape(str(error))}</div>"
-    return _cache_html(train_dir, f"Removed {removed} cached entries. ")
+    return _cache_html(train_dir, tr("Removed {removed} cached entries. ", removed=removed))
 
 
 def build_header() -> tuple[gr.Dropdown, gr.Textbox, gr.Textbox]:
@@ -391,16 +403,16 @@ def build_header() -> tuple[gr.Dropdown, gr.Textbox, gr.Textbox]:
     The name lists the projects already there (newest first) and takes a new one typed in."""
     with gr.Row():
         name = gr.Dropdown(jobs().project_names(), value="", allow_custom_value=True,
-                           label="LoRA name (also the project's name): pick a project or type a new name",
+                           label=tr("LoRA name (also the project's name): pick a project or type a new name"),
                            elem_id="train_tools_name")
         ui_common.create_refresh_button(name, lambda: None, lambda: {"choices": jobs().project_names()},
                                         "train_tools_name_refresh")
         # Built when the WebUI started: the list is read again on each page load (see on_ui_tabs) and each focus
         # (shown from the next opening: gradio 3 does not redraw a list that is open).
         name.focus(fn=project_choices, inputs=[], outputs=[name])
-        trigger = gr.Textbox(label="Trigger words", placeholder="mychar", elem_id="train_tools_trigger")
-        base_model = gr.Textbox(_base_model_text, label="Base model: training and previews use the checkpoint and "
-                                "VAE loaded in the WebUI", interactive=False, elem_id="train_tools_base_model")
+        trigger = gr.Textbox(label=tr("Trigger words"), placeholder=tr("mychar"), elem_id="train_tools_trigger")
+        base_model = gr.Textbox(_base_model_text, label=tr("Base model: training and previews use the checkpoint "
+                                                           "and VAE loaded in the WebUI"), interactive=False, elem_id="train_tools_base_model")
     return name, trigger, base_model
 
 
@@ -425,34 +437,36 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
     """Lay out the page inside the caller's Blocks; returns the components other pages link to."""
     with gr.Row():
         with gr.Column(scale=3):
-            train_dir = gr.Textbox(label="Training folder on this server (subfolders <N>_<name> repeat N times; "
-                                   "captions in <image>.txt)", elem_id="train_tools_train_dir")
-            uploads = gr.File(label="…or upload pictures and their .txt captions", file_count="multiple",
+            train_dir = gr.Textbox(label=tr("Training folder on this server (subfolders <N>_<name> repeat N times; "
+                                            "captions in <image>.txt)"), elem_id="train_tools_train_dir")
+            uploads = gr.File(label=tr("…or upload pictures and their .txt captions"), file_count="multiple",
                               elem_id="train_tools_uploads")
-            with gr.Accordion("Settings", open=True):
+            with gr.Accordion(tr("Settings"), open=True):
+                preset_row = presets_row.build()
                 components, extras = _setting_components()
             with gr.Row():
-                train = gr.Button("Train", variant="primary", elem_id="train_tools_train")
-                stop = gr.Button("Stop", elem_id="train_tools_stop")
+                train = gr.Button(tr("Train"), variant="primary", elem_id="train_tools_train")
+                stop = gr.Button(tr("Stop"), elem_id="train_tools_stop")
             with gr.Row():
-                prepare = gr.Button("Prepare for training (encode pictures and captions ahead)",
+                prepare = gr.Button(tr("Prepare for training (encode pictures and captions ahead)"),
                                     elem_id="train_tools_prepare")
-                find_lr = gr.Button("Find learning rate", elem_id="train_tools_find_lr")
-                clear_cache = gr.Button("Clear cache", elem_id="train_tools_clear_cache")
+                find_lr = gr.Button(tr("Find learning rate"), elem_id="train_tools_find_lr")
+                clear_cache = gr.Button(tr("Clear cache"), elem_id="train_tools_clear_cache")
             cache_info = gr.HTML(elem_id="train_tools_cache_info")
         with gr.Column(scale=2):
             gr.HTML(elem_id="train_tools_progress")  # step text, written by javascript/train_tools.js
             output = gr.HTML(elem_id="train_tools_output")
-            loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Loss", width=420, height=260,
+            loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title=tr("Loss"), width=420, height=260,
                                     elem_id="train_tools_loss")
             samples = gr.Gallery(label="Samples: a row per epoch (newest first), a column per prompt", columns=2,
                                  height=420, elem_id="train_tools_samples")
             files = gr.HTML(elem_id="train_tools_files")
-            refresh = gr.Button("Refresh", elem_id="train_tools_refresh", visible=False)
+            refresh = gr.Button(tr("Refresh"), elem_id="train_tools_refresh", visible=False)
 
     task_id = gr.Textbox(visible=False)
     # The family whose defaults the form shows ({}: TrainConfig's, SD1.5), so switching only moves untouched values.
     shown_defaults = gr.State({})
+    presets_row.wire(preset_row, components, shown_defaults)
     train_event = train.click(
         fn=call_queue.wrap_gradio_gpu_call(partial(_train, list(components)), extra_outputs=[""]),
         _js="train_tools_start",

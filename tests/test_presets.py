@@ -1,0 +1,121 @@
+"""Presets: the four built-in ones validate and train (scaled down to the tiny models), the user's are saved in the
+extension's data folder, refused like a training would be, and reach the API's train body by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from lib_train.common.errors import ConfigError, TrainToolsError
+from lib_train.engine.config import TrainConfig
+from lib_train.engine.model_guard import fingerprint
+from lib_train.engine.presets import BUILTIN, PRESET_KEYS, PresetStore
+from lib_train.engine.train import train_lora
+from lib_train.hosts.protocol import ModelFamily
+from lib_train.hosts.sd1 import build_tiny_sd1
+from lib_train.hosts.sdxl import build_tiny_sdxl
+from lib_train.hosts.standalone import StandaloneHost
+from lib_train.hosts.standalone_sdxl import StandaloneSDXLHost
+from lib_train.webui.jobs import Folders, TrainingJobs
+
+from .conftest import make_concept_images
+
+# What the tiny models need instead of the preset's sizes: 64-px pictures, a rank the tiny layers take, a few steps.
+SCALED_DOWN = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "epochs": 2, "save_every_n_epochs": 1,
+               "save_precision": "fp32", "gradient_checkpointing": False, "lr_warmup_steps": 0}
+
+
+def scaled(values: dict) -> dict:
+    """The preset's values at tiny-model size: ranks at most 4 with the preset's alpha/rank scale kept."""
+    small = {**values, **SCALED_DOWN}
+    for rank, alpha in (("rank", "alpha"), ("conv_rank", "conv_alpha")):
+        if values[rank] > 4:
+            small[rank], small[alpha] = 4, values[alpha] * 4 / values[rank]
+    return small
+
+
+def test_builtin_presets_are_the_four_and_validate():
+    assert [p.name for p in BUILTIN] == ["SD1.5 character", "SD1.5 style", "SDXL character", "SDXL style"]
+    for preset in BUILTIN:
+        for on_cuda in (False, True):
+            values = preset.values(on_cuda=on_cuda, has_bitsandbytes=True)
+            assert set(values) == set(PRESET_KEYS) and "name" not in values and "train_dir" not in values
+            config = TrainConfig.from_dict({**values, "name": "x", "train_dir": "d", "output_dir": "o"}).validate()
+            assert config.rank == preset.settings["rank"]
+    sdxl = BUILTIN[2].values(on_cuda=True, has_bitsandbytes=True)
+    assert (sdxl["resolution"], sdxl["text_encoder_lr"], sdxl["optimizer"]) == (1024, 0.0, "AdamW8bit")
+    assert BUILTIN[2].values(on_cuda=False, has_bitsandbytes=True)["optimizer"] == "AdamW"  # 8-bit is CUDA only
+
+
+@pytest.mark.parametrize("preset", BUILTIN, ids=lambda p: p.name)
+def test_each_preset_trains_on_the_tiny_model(preset, tmp_path):
+    host = StandaloneSDXLHost(build_tiny_sdxl(seed=0)) if preset.family is ModelFamily.SDXL else \
+        StandaloneHost(build_tiny_sd1(seed=0))
+    before = fingerprint(host.model)
+    make_concept_images(tmp_path / "data" / "2_concept", count=4)
+    values = scaled(preset.values(on_cuda=False, has_bitsandbytes=False))
+    config = TrainConfig.from_dict({**values, "name": "preset", "train_dir": str(tmp_path / "data"),
+                                    "output_dir": str(tmp_path / "out"), "trigger_words": "concept"}).validate()
+    result = train_lora(host, config)
+    assert result.steps == result.total_steps > 0 and len(result.saved_files) == 2
+    assert fingerprint(host.model) == before
+    with safe_open(str(result.saved_files[-1]), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_lr_scheduler"] == preset.settings["lr_scheduler"]
+    assert float(metadata["ss_unet_lr"]) == preset.settings["unet_lr"]
+    assert metadata["ss_network_module"] == "networks.lora"  # LoCon included, as kohya writes it
+    assert ("conv_dim" in (metadata.get("ss_network_args") or "")) == (preset.settings.get("conv_rank", 0) > 0)
+
+
+def test_users_presets_are_saved_listed_and_refused_like_a_training(tmp_path):
+    store = PresetStore(tmp_path / "presets")
+    saved = store.save("我的角色", "sd1", {"rank": 8, "alpha": "4", "unet_lr": 2e-4, "epochs": 12.0})
+    assert saved.settings == {"rank": 8, "alpha": 4.0, "unet_lr": 2e-4, "epochs": 12}
+    on_disk = json.loads((tmp_path / "presets" / "我的角色.json").read_text(encoding="utf-8"))
+    assert on_disk == {"name": "我的角色", "family": "sd1", "builtin": False, "settings": saved.settings}
+    assert [p.name for p in store.all()][4:] == ["我的角色"]
+    assert store.get("我的角色").values(False, False)["rank"] == 8
+    assert store.get("我的角色").values(False, False)["resolution"] == 512  # the rest from the SD1.5 defaults
+
+    with pytest.raises(ConfigError, match="Give the preset a name"):
+        store.save("  ", "sd1", {"rank": 8})
+    with pytest.raises(ConfigError, match="built-in preset"):
+        store.save("SD1.5 character", "sd1", {"rank": 8})
+    with pytest.raises(ConfigError, match="Rank must be at least 1"):
+        store.save("bad", "sd1", {"rank": 0})
+    with pytest.raises(ConfigError, match="not name, train_dir"):
+        store.save("bad", "sd1", {"name": "x", "train_dir": "y"})
+    with pytest.raises(ConfigError, match="family"):
+        store.save("bad", "sd9", {"rank": 8})
+    with pytest.raises(TrainToolsError, match="cannot be used"):
+        store.save("../escape", "sd1", {"rank": 8})
+    assert sorted(p.name for p in (tmp_path / "presets").iterdir()) == ["我的角色.json"]
+
+    (tmp_path / "presets" / "damaged.json").write_text("{not json", encoding="utf-8")
+    assert [p.name for p in store.all()][4:] == ["我的角色"]  # a damaged file hides nothing else
+    store.delete("我的角色")
+    assert len(store.all()) == 4
+    with pytest.raises(ConfigError, match="cannot be deleted"):
+        store.delete("SDXL style")
+
+
+def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path):
+    from .webui_standin import make_webui
+
+    webui = make_webui(tmp_path / "Lora")
+    jobs = TrainingJobs(webui, Folders(lora_dir=tmp_path / "Lora", projects_dir=tmp_path / "projects",
+                                       data_dir=tmp_path, exposed=False))
+    make_concept_images(tmp_path / "pictures" / "1_concept", count=1)
+    body = {"name": "p", "train_dir": str(tmp_path / "pictures"), "preset": "SD1.5 style", "epochs": 3}
+    config = jobs.prepare(body)
+    assert (config.network_type, config.conv_rank, config.flip_aug, config.epochs) == ("locon", 8, True, 3)
+    assert body["preset"] == "SD1.5 style"  # the caller's dict is left alone
+    with pytest.raises(ConfigError, match="for SDXL models and the loaded model is SD1"):
+        jobs.prepare({**body, "preset": "SDXL style"})
+    with pytest.raises(ConfigError, match="no preset named"):
+        jobs.prepare({**body, "preset": "nope"})
+    jobs.presets.save("mine", "sd1", {"rank": 6})
+    assert jobs.prepare({**body, "preset": "mine"}).rank == 6
+    assert "mine" not in jobs.project_names() and ".presets" not in jobs.project_names()
