@@ -26,17 +26,18 @@ REG_FOLDER_KIND = N_("Regularization folder")
 def check_separate_folders(reg_dir: str | Path, train_dir: str | Path) -> None:
     reg, train = Path(reg_dir).resolve(), Path(train_dir).resolve()
     if reg == train or train in reg.parents or reg in train.parents:
-        raise DatasetError(f"The regularization folder {reg} and the training folder {train} overlap: "
-                           "keep the class pictures in a folder of their own, beside the training folder.")
+        raise DatasetError(tr("The regularization folder {reg} and the training folder {train} overlap: keep the "
+                              "class pictures in a folder of their own, beside the training folder.",
+                              reg=reg, train=train))
 
 
 def as_regularization(scan: "FolderScan") -> "FolderScan":
     """A survey of the regularization folder (one repeat when flat), its pictures marked as class pictures."""
     uncaptioned = [record for record in scan.records if not record.caption.strip()]
     if uncaptioned:
-        raise DatasetError(f"{len(uncaptioned)} regularization picture(s) have no caption, e.g. {uncaptioned[0].path}: "
-                           "put them in subfolders named like '1_person' (the class becomes the caption) or give "
-                           "each a .txt caption.")
+        raise DatasetError(tr("{count} regularization picture(s) have no caption, e.g. {path}: put them in subfolders "
+                              "named like '1_person' (the class becomes the caption) or give each a .txt caption.",
+                              count=len(uncaptioned), path=uncaptioned[0].path))
     return dataclasses.replace(scan, records=[dataclasses.replace(record, is_reg=True) for record in scan.records])
 
 

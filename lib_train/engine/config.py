@@ -198,21 +198,24 @@ class TrainConfig:
                 multires_noise_discount=self.multires_noise_discount))
         need(0 <= self.ip_noise_gamma <= 1, tr("Input perturbation noise gamma must be in [0, 1] (got "
                                                "{ip_noise_gamma}).", ip_noise_gamma=self.ip_noise_gamma))
-        for label, ratio in (("LoRA+ ratio", self.loraplus_lr_ratio), (tr("LoRA+ UNet ratio"), self.loraplus_unet_lr_ratio),
+        for label, ratio in ((tr("LoRA+ ratio"), self.loraplus_lr_ratio),
+                             (tr("LoRA+ UNet ratio"), self.loraplus_unet_lr_ratio),
                              (tr("LoRA+ text encoder ratio"), self.loraplus_text_encoder_lr_ratio)):
             need(math.isfinite(ratio) and ratio >= 0, tr("{label} cannot be negative (0 turns it off; got {ratio}).",
                                                          label=label, ratio=ratio))
 
     def _validate_regularization_and_samples(self, need) -> None:
         need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
-             f"Prior-loss weight must be 0 or more (got {self.prior_loss_weight}); 1 weighs a class picture like a "
-             "training picture.")
+             tr("Prior-loss weight must be 0 or more (got {prior_loss_weight}); 1 weighs a class picture like a "
+                "training picture.", prior_loss_weight=self.prior_loss_weight))
         need(self.sample_every_n_epochs >= 0 and self.sample_every_n_steps >= 0,
-             "Sample every N epochs / steps cannot be negative (0 turns it off).")
-        need(1 <= self.sample_count <= 16, f"Sample prompts to make must be between 1 and 16 (got {self.sample_count}).")
-        need(1 <= self.sample_steps <= 1000, f"Sample steps must be between 1 and 1000 (got {self.sample_steps}).")
+             tr("Sample every N epochs / steps cannot be negative (0 turns it off)."))
+        need(1 <= self.sample_count <= 16, tr("Sample prompts to make must be between 1 and 16 (got {sample_count}).",
+                                              sample_count=self.sample_count))
+        need(1 <= self.sample_steps <= 1000, tr("Sample steps must be between 1 and 1000 (got {sample_steps}).",
+                                                sample_steps=self.sample_steps))
         need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
-             f"Sample CFG scale must be 0 or more (got {self.sample_cfg_scale}).")
+             tr("Sample CFG scale must be 0 or more (got {sample_cfg_scale}).", sample_cfg_scale=self.sample_cfg_scale))
         if self.sample_every_n_epochs or self.sample_every_n_steps:  # lines kept while samples are off may wait
             parse_sample_prompts(self.sample_prompts)  # raises ConfigError naming the line
 

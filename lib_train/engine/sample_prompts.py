@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import ConfigError, DatasetError
+from ..common.i18n import N_, tr
 from ..dataset.captions import find_caption, read_caption, split_tags
 from ..dataset.training_data import REPEATS_PREFIX, pictures_in
 
@@ -53,41 +54,41 @@ class SamplePrompt:
 def _size(text: str) -> int:
     value = int(text)
     if not (64 <= value <= 4096 and value % 8 == 0):
-        raise ValueError("a multiple of 8 from 64 to 4096")
+        raise ValueError(N_("a multiple of 8 from 64 to 4096"))
     return value
 
 
 def _steps(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 1000:
-        raise ValueError("from 1 to 1000")
+        raise ValueError(N_("from 1 to 1000"))
     return value
 
 
 def _seed(text: str) -> int:
     value = int(text)
     if value < 0:
-        raise ValueError("0 or more")
+        raise ValueError(N_("0 or more"))
     return value
 
 
 def _scale(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError("a number, 0 or more")
+        raise ValueError(N_("a number, 0 or more"))
     return value
 
 
 def _multiplier(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError("a number")
+        raise ValueError(N_("a number"))
     return value
 
 
 def _text(text: str) -> str:
     if not text.strip():
-        raise ValueError("some text")
+        raise ValueError(N_("some text"))
     return text.strip()
 
 
@@ -108,24 +109,26 @@ def parse_sample_prompts(text: str) -> list[SamplePrompt]:
         for option in options:
             flag, _, value = option.strip().partition(" ")
             if flag.lower() not in _FLAGS:
-                raise ConfigError(f"Sample prompt line {number}: unknown option --{flag} (use --n negative prompt, "
-                                  "--w width, --h height, --d seed, --s steps, --l CFG scale, --ss sampler, "
-                                  "--m Lora multiplier).")
+                raise ConfigError(tr("Sample prompt line {number}: unknown option --{flag} (use --n negative prompt, "
+                                     "--w width, --h height, --d seed, --s steps, --l CFG scale, --ss sampler, "
+                                     "--m Lora multiplier).", number=number, flag=flag))
             field, convert = _FLAGS[flag.lower()]
             try:
                 values[field] = convert(value.strip())
             except ValueError as error:
-                raise ConfigError(f"Sample prompt line {number}: --{flag} needs {_expected(error)}, "
-                                  f"got {value.strip()!r}.") from None
+                raise ConfigError(tr("Sample prompt line {number}: --{flag} needs {expected}, got {value!r}.",
+                                     number=number, flag=flag, expected=_expected(error),
+                                     value=value.strip())) from None
         if not prompt.strip():
-            raise ConfigError(f"Sample prompt line {number} has options but no prompt.")
+            raise ConfigError(tr("Sample prompt line {number} has options but no prompt.", number=number))
         prompts.append(SamplePrompt(prompt.strip(), **values))
     return prompts
 
 
 def _expected(error: ValueError) -> str:
+    """What the option needs: the checks' own words (marked N_ above), or "a number" for Python's int()/float()."""
     message = str(error)
-    return message if not message.startswith(("invalid literal", "could not convert")) else "a number"
+    return tr(message) if not message.startswith(("invalid literal", "could not convert")) else tr("a number")
 
 
 def made_prompts(trigger_words: str, tag_counts: Counter, count: int) -> list[SamplePrompt]:
@@ -136,8 +139,8 @@ def made_prompts(trigger_words: str, tag_counts: Counter, count: int) -> list[Sa
     tags = [tag for tag, _ in sorted(tag_counts.items(), key=lambda item: (-item[1], item[0])) if tag not in own]
     chunks = [tags[start:start + TAGS_PER_PROMPT] for start in range(0, len(tags), TAGS_PER_PROMPT)] or [[]]
     if not trigger and not tags:
-        raise ConfigError("No sample prompt to make: the pictures have no captions and there are no trigger "
-                          "words. Write the sample prompts (one per line) or turn samples off.")
+        raise ConfigError(tr("No sample prompt to make: the pictures have no captions and there are no trigger "
+                             "words. Write the sample prompts (one per line) or turn samples off."))
     return [SamplePrompt(", ".join(trigger + chunks[index % len(chunks)])) for index in range(count)]
 
 

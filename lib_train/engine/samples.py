@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..common.files import png_bytes, write_atomically
+from ..common.i18n import tr
 from ..hosts.protocol import Progress, TrainingHost
 from .optim import evaluation_weights
 from .sample_prompts import SamplePrompt, folder_tag_counts, made_prompts, parse_sample_prompts
@@ -93,8 +94,9 @@ class TrainingSamples:
         try:
             with apart_from_training(host, run):
                 for index, prompt in enumerate(self.prompts):
-                    host.report(Progress("sampling", **where, message=f"Sample {index + 1}/{len(self.prompts)} "
-                                                                      f"of epoch {epoch}: {prompt.prompt}"))
+                    host.report(Progress("sampling", **where, message=tr(
+                        "Sample {number}/{count} of epoch {epoch}: {prompt}", number=index + 1,
+                        count=len(self.prompts), epoch=epoch, prompt=prompt.prompt)))
                     run.network.set_multiplier(prompt.multiplier)
                     rendered = self.renderer(prompt)
                     if rendered is None or host.should_stop():  # interrupted: a half-sampled picture is not kept
@@ -103,13 +105,15 @@ class TrainingSamples:
         except StopRequested:
             raise
         except Exception as error:  # a failed sample (NaN, out of memory) must not cost the training
-            self.failure = f"Samples stopped at epoch {epoch}: {type(error).__name__}: {error}"
-            host.report(Progress("samples-failed", **where, message=self.failure + " Training goes on.",
+            self.failure = tr("Samples stopped at epoch {epoch}: {kind}: {error}", epoch=epoch,
+                              kind=type(error).__name__, error=error)
+            host.report(Progress("samples-failed", **where, message=self.failure + tr(" Training goes on."),
                                  saved_files=[str(image.path) for image in done]))
             return
         finally:
             self.images.extend(done)
-        host.report(Progress("sampled", **where, message=f"Samples of epoch {epoch} (step {step}) saved.",
+        host.report(Progress("sampled", **where, message=tr("Samples of epoch {epoch} (step {step}) saved.",
+                                                            epoch=epoch, step=step),
                              saved_files=[str(image.path) for image in done]))
 
     def _save(self, rendered: RenderedSample, prompt: SamplePrompt, epoch: int, step: int, index: int) -> SampleImage:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..common.errors import CheckpointError
+from ..common.i18n import tr
 from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint
 from .openclip_text import H14_TEXT, OPENCLIP_LAYER_SKIP, OpenCLIPText, causal_mask
 from .protocol import PredictionType
@@ -93,12 +94,12 @@ def load_sd2_checkpoint(path: str | Path, unet_config: dict = SD2_UNET, vae_conf
     state = read_checkpoint(path)
     family = checkpoint_family(state)
     if family != "sd2":
-        label = {"sd1": "an SD1.x", "sdxl": "an SDXL"}.get(family, family)
-        raise CheckpointError(f"{path.name} is {label} checkpoint, not SD2.x.")
+        label = {"sd1": tr("an SD1.x"), "sdxl": tr("an SDXL")}.get(family, family)
+        raise CheckpointError(tr("{name} is {label} checkpoint, not SD2.x.", name=path.name, label=label))
     unet_input = state.get("model.diffusion_model.input_blocks.0.0.weight")
     if unet_input is not None and unet_input.shape[1] != unet_config["in_channels"]:
-        raise CheckpointError(f"{path.name} is an SD2 inpainting or depth model ({unet_input.shape[1]} input channels); "
-                              "LoRA is trained on the text-to-image models.")
+        raise CheckpointError(tr("{name} is an SD2 inpainting or depth model ({channels} input channels); LoRA is "
+                                 "trained on the text-to-image models.", name=path.name, channels=unet_input.shape[1]))
     projection = state.get("model.diffusion_model.input_blocks.1.1.proj_in.weight")
     linear = projection is None or projection.dim() == 2
     with torch.device("meta"):
@@ -126,5 +127,6 @@ def checkpoint_prediction_type(path: str | Path) -> PredictionType | None:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
         parameterization = config.get("model", {}).get("params", {}).get("parameterization", "eps")
     except (yaml.YAMLError, AttributeError, OSError) as error:
-        raise CheckpointError(f"{config_path.name} is not a readable model config: {error}") from None
+        raise CheckpointError(tr("{name} is not a readable model config: {error}", name=config_path.name,
+                                 error=error)) from None
     return PredictionType.V if parameterization == "v" else PredictionType.EPSILON

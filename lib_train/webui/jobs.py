@@ -376,8 +376,8 @@ class TrainingJobs:
         folder = str(values.get("folder", "") or "").strip()
         if not folder:
             if not str(values.get("name", "")).strip():
-                raise ConfigError("Choose the folder for the class pictures, or give the project's name to use its "
-                                  "regularization folder.")
+                raise ConfigError(tr("Choose the folder for the class pictures, or give the project's name to use "
+                                     "its regularization folder."))
             folder = str(ProjectFolders.for_name(self.folders.projects_dir, str(values["name"])).regularization)
         if self.folders.exposed:
             folder = str(confine(folder, [self.folders.data_dir, self.folders.projects_dir], tr("regularization folder")))
@@ -397,8 +397,9 @@ class TrainingJobs:
             job.reg_folder = str(result.folder)
             job.saved_files = [str(path) for path in result.paths]
             job.state = "done" if result.complete else "stopped"
-            job.message = (f"{len(result.paths)} class pictures in {request.subfolder} (seeds from {request.seed}); "
-                           f"train with the regularization folder {result.folder}.")
+            job.message = tr("{count} class pictures in {subfolder} (seeds from {seed}); train with the "
+                             "regularization folder {folder}.", count=len(result.paths), subfolder=request.subfolder,
+                             seed=request.seed, folder=result.folder)
 
         return self._guarded(job, "Train Tools class pictures", work)
 

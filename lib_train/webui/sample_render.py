@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..common.errors import ConfigError
 from ..common.files import png_bytes, write_atomically
+from ..common.i18n import tr
 from ..engine.sample_prompts import SamplePrompt
 from ..engine.samples import RenderedSample
 from .host import WebUI, WebUIHost
@@ -107,7 +108,7 @@ class ClassPicturesRequest:
                 ("width", int), ("height", int)) if values.get(key) not in (None, "")}
             count, seed = int(values.get("count", 10)), int(values.get("seed", -1))
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"Class pictures: {error}") from None
+            raise ConfigError(tr("Class pictures: {error}", error=error)) from None
         if seed < 0:
             seed = random.randint(0, 2**31 - 1)
         request = cls(str(values.get("class_prompt", "")).strip(), Path(folder), count, seed,
@@ -116,21 +117,25 @@ class ClassPicturesRequest:
 
     def validate(self) -> "ClassPicturesRequest":
         if not self.class_prompt:
-            raise ConfigError("Give the class prompt: what the pictures show in general (e.g. 'woman', 'dog').")
+            raise ConfigError(tr("Give the class prompt: what the pictures show in general (e.g. 'woman', 'dog')."))
         if _FOLDER_FORBIDDEN.search(self.class_prompt) or self.class_prompt.startswith(".") or len(self.class_prompt) > 120:
-            raise ConfigError(f"The class prompt {self.class_prompt!r} names the pictures' folder (kohya's <N>_<class>): "
-                              "keep it under 120 characters, without / \\ : * ? \" < > | or a leading dot.")
+            raise ConfigError(tr("The class prompt {class_prompt!r} names the pictures' folder (kohya's <N>_<class>): "
+                                 "keep it under 120 characters, without / \\ : * ? \" < > | or a leading dot.",
+                                 class_prompt=self.class_prompt))
         if not 1 <= self.count <= 1000:
-            raise ConfigError(f"Make from 1 to 1000 class pictures (got {self.count}).")
+            raise ConfigError(tr("Make from 1 to 1000 class pictures (got {count}).", count=self.count))
         if not self.repeats >= 1:
-            raise ConfigError(f"Repeats of the class folder must be at least 1 (got {self.repeats}).")
-        for label, size in (("Width", self.width), ("Height", self.height)):
+            raise ConfigError(tr("Repeats of the class folder must be at least 1 (got {repeats}).",
+                                 repeats=self.repeats))
+        for label, size in ((tr("Width"), self.width), (tr("Height"), self.height)):
             if not (64 <= size <= 4096 and size % 8 == 0):
-                raise ConfigError(f"{label} of the class pictures must be a multiple of 8 from 64 to 4096 (got {size}).")
+                raise ConfigError(tr("{label} of the class pictures must be a multiple of 8 from 64 to 4096 "
+                                     "(got {size}).", label=label, size=size))
         if not 1 <= self.steps <= 1000:
-            raise ConfigError(f"Steps of the class pictures must be from 1 to 1000 (got {self.steps}).")
+            raise ConfigError(tr("Steps of the class pictures must be from 1 to 1000 (got {steps}).", steps=self.steps))
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
-            raise ConfigError(f"CFG scale of the class pictures must be 0 or more (got {self.cfg_scale}).")
+            raise ConfigError(tr("CFG scale of the class pictures must be 0 or more (got {cfg_scale}).",
+                                 cfg_scale=self.cfg_scale))
         return self
 
     @property
@@ -160,7 +165,8 @@ def generate_class_pictures(webui: WebUI, host: WebUIHost, request: ClassPicture
         if host.should_stop():
             return result
         seed = request.seed + index
-        on_picture(index, request.count, f"Class picture {index + 1}/{request.count}, seed {seed}")
+        on_picture(index, request.count, tr("Class picture {number}/{count}, seed {seed}", number=index + 1,
+                                            count=request.count, seed=seed))
         host.clear_conditioning_caches()
         images, infotexts = _txt2img(webui, request.class_prompt, request.negative_prompt, seed, request.sampler,
                                      request.steps, request.cfg_scale, request.width, request.height)
@@ -171,6 +177,6 @@ def generate_class_pictures(webui: WebUI, host: WebUIHost, request: ClassPicture
         records.append({"file": path.name, "seed": seed, **settings})
         write_atomically(record_path, json.dumps(records, indent=1, ensure_ascii=False).encode("utf-8"), overwrite=True)
         result.paths.append(path)
-    on_picture(request.count, request.count, "done")
+    on_picture(request.count, request.count, tr("done"))
     result.complete = True
     return result

@@ -63,45 +63,51 @@ def _setting_components() -> tuple[dict[str, gr.components.Component], dict[str,
 
 
 def _sample_settings(c: dict, extras: dict, d: TrainConfig) -> None:
-    with gr.Accordion("Samples during training", open=False, elem_id="train_tools_sample_settings"):
+    with gr.Accordion(tr("Samples during training"), open=False, elem_id="train_tools_sample_settings"):
         with gr.Row():
-            c["sample_every_n_epochs"] = gr.Number(d.sample_every_n_epochs, label="Sample every N epochs (0: off; on "
-                                                   "by default on a GPU)", precision=0,
+            c["sample_every_n_epochs"] = gr.Number(d.sample_every_n_epochs, label=tr("Sample every N epochs (0: off; "
+                                                   "on by default on a GPU)"), precision=0,
                                                    elem_id="train_tools_sample_every_n_epochs")
-            c["sample_every_n_steps"] = gr.Number(d.sample_every_n_steps, label="…or every N steps (0: off)",
+            c["sample_every_n_steps"] = gr.Number(d.sample_every_n_steps, label=tr("…or every N steps (0: off)"),
                                                   precision=0, elem_id="train_tools_sample_every_n_steps")
-            c["sample_count"] = gr.Number(d.sample_count, label="Prompts made when none are written", precision=0,
+            c["sample_count"] = gr.Number(d.sample_count, label=tr("Prompts made when none are written"), precision=0,
                                           elem_id="train_tools_sample_count")
         c["sample_prompts"] = gr.Textbox(d.sample_prompts, lines=3, elem_id="train_tools_sample_prompts",
-                                         label="Sample prompts, one per line, with kohya's options --n negative, --w "
-                                         "width, --h height, --d seed, --s steps, --l CFG scale, --ss sampler, and --m "
-                                         "Lora multiplier. Empty: the trigger words with the most frequent tags")
+                                         label=tr("Sample prompts, one per line, with kohya's options --n negative, "
+                                                  "--w width, --h height, --d seed, --s steps, --l CFG scale, --ss "
+                                                  "sampler, and --m Lora multiplier. Empty: the trigger words with "
+                                                  "the most frequent tags"))
         with gr.Row():
             c["sample_sampler"] = gr.Dropdown(sd_samplers.visible_sampler_names(), value=d.sample_sampler,
-                                              label="Sampler", elem_id="train_tools_sample_sampler")
-            c["sample_steps"] = gr.Number(d.sample_steps, label="Steps", precision=0, elem_id="train_tools_sample_steps")
-            c["sample_cfg_scale"] = gr.Number(d.sample_cfg_scale, label="CFG scale", elem_id="train_tools_sample_cfg_scale")
-            extras["suggest_prompts"] = gr.Button("Write the prompts a run would make", elem_id="train_tools_suggest_prompts")
+                                              label=tr("Sampler"), elem_id="train_tools_sample_sampler")
+            c["sample_steps"] = gr.Number(d.sample_steps, label=tr("Steps"), precision=0,
+                                          elem_id="train_tools_sample_steps")
+            c["sample_cfg_scale"] = gr.Number(d.sample_cfg_scale, label=tr("CFG scale"),
+                                              elem_id="train_tools_sample_cfg_scale")
+            extras["suggest_prompts"] = gr.Button(tr("Write the prompts a run would make"),
+                                                  elem_id="train_tools_suggest_prompts")
 
 
 def _regularization_settings(c: dict, extras: dict, d: TrainConfig) -> None:
-    with gr.Accordion("Regularization (class pictures)", open=False, elem_id="train_tools_reg_settings"):
+    with gr.Accordion(tr("Regularization (class pictures)"), open=False, elem_id="train_tools_reg_settings"):
         with gr.Row():
-            c["reg_dir"] = gr.Textbox(d.reg_dir, label="Regularization folder: <N>_<class> subfolders of class pictures, "
-                                      "as kohya's (the folder's name is their caption). Empty: none",
+            c["reg_dir"] = gr.Textbox(d.reg_dir, label=tr("Regularization folder: <N>_<class> subfolders of class "
+                                                          "pictures, as kohya's (the folder's name is their caption). "
+                                                          "Empty: none"),
                                       elem_id="train_tools_reg_dir")
-            c["prior_loss_weight"] = gr.Number(d.prior_loss_weight, label="Prior-loss weight (a class picture's loss "
-                                               "counts this much; 1: like a training picture)",
+            c["prior_loss_weight"] = gr.Number(d.prior_loss_weight, label=tr("Prior-loss weight (a class picture's "
+                                                                             "loss counts this much; 1: like a "
+                                                                             "training picture)"),
                                                elem_id="train_tools_prior_loss_weight")
         with gr.Row():
-            extras["class_prompt"] = gr.Textbox(label="Class prompt: what the pictures show in general ('woman', 'dog')",
-                                                elem_id="train_tools_class_prompt")
-            extras["class_count"] = gr.Number(10, label="Class pictures to make", precision=0,
+            extras["class_prompt"] = gr.Textbox(label=tr("Class prompt: what the pictures show in general ('woman', "
+                                                         "'dog')"), elem_id="train_tools_class_prompt")
+            extras["class_count"] = gr.Number(10, label=tr("Class pictures to make"), precision=0,
                                               elem_id="train_tools_class_count")
-            extras["class_seed"] = gr.Number(-1, label="First seed (-1: random; every seed is recorded)", precision=0,
-                                             elem_id="train_tools_class_seed")
+            extras["class_seed"] = gr.Number(-1, label=tr("First seed (-1: random; every seed is recorded)"),
+                                             precision=0, elem_id="train_tools_class_seed")
         extras["make_class_pictures"] = gr.Button(
-            "Make class pictures with the loaded model (into the regularization folder above, else the project's)",
+            tr("Make class pictures with the loaded model (into the regularization folder above, else the project's)"),
             elem_id="train_tools_make_class_pictures")
 
 
@@ -259,7 +265,8 @@ def _samples_update(job):
         return gr.Gallery.update(value=None)
     columns = max(sample["index"] for sample in job.samples) + 1
     rows = sorted(job.samples, key=lambda sample: (-sample["step"], sample["index"]))
-    value = [(sample["file"], f"epoch {sample['epoch']}, step {sample['step']}: {job.sample_prompts[sample['index']]}")
+    value = [(sample["file"], tr("epoch {epoch}, step {step}: {prompt}", epoch=sample["epoch"], step=sample["step"],
+                                 prompt=job.sample_prompts[sample["index"]]))
              for sample in rows if os.path.exists(sample["file"])]
     return gr.Gallery.update(value=value, columns=columns)
 
@@ -458,7 +465,7 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             output = gr.HTML(elem_id="train_tools_output")
             loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title=tr("Loss"), width=420, height=260,
                                     elem_id="train_tools_loss")
-            samples = gr.Gallery(label="Samples: a row per epoch (newest first), a column per prompt", columns=2,
+            samples = gr.Gallery(label=tr("Samples: a row per epoch (newest first), a column per prompt"), columns=2,
                                  height=420, elem_id="train_tools_samples")
             files = gr.HTML(elem_id="train_tools_files")
             refresh = gr.Button(tr("Refresh"), elem_id="train_tools_refresh", visible=False)
