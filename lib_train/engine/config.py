@@ -112,6 +112,9 @@ class TrainConfig:
     save_every_n_epochs: int = 1  # 0: only the final file
     save_precision: str = "fp16"
     comment: str = ""
+    validation_loss: bool = True  # after every epoch, every picture at fixed noise and timesteps (validation.py)
+    state_dir: str = ""  # where each saved epoch's training state goes (the project's folder), "" for none
+    initial_lora: str = ""  # a .safetensors of this run's network shape to start from instead of fresh weights
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -160,6 +163,8 @@ class TrainConfig:
         need(self.save_every_n_epochs >= 0, "Save every N epochs cannot be negative.")
         need(self.save_precision in SAVE_PRECISIONS,
              f"Save precision must be one of {', '.join(SAVE_PRECISIONS)}.")
+        need(not self.initial_lora or Path(self.initial_lora).suffix == ".safetensors",
+             f"The LoRA file to start from must be a .safetensors file (got {self.initial_lora}).")
         return self
 
     def _validate_loss_and_noise(self, need) -> None:

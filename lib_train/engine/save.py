@@ -27,9 +27,12 @@ class OutputPlan:
     save_every_n_epochs: int
     overwrite: bool
 
+    first_epoch: int = 1  # a continued run writes the epochs after its saved state only
+
     @classmethod
-    def create(cls, folder: str | Path, name: str, epochs: int, save_every_n_epochs: int, overwrite: bool) -> "OutputPlan":
-        plan = cls(Path(folder), check_output_name(name), epochs, save_every_n_epochs, overwrite)
+    def create(cls, folder: str | Path, name: str, epochs: int, save_every_n_epochs: int, overwrite: bool,
+               first_epoch: int = 1) -> "OutputPlan":
+        plan = cls(Path(folder), check_output_name(name), epochs, save_every_n_epochs, overwrite, first_epoch)
         if plan.folder.exists() and not plan.folder.is_dir():
             raise OutputError(f"The output folder {plan.folder} is a file.")
         if not overwrite:
@@ -52,8 +55,12 @@ class OutputPlan:
     def sidecar_path(self, epoch: int) -> Path:
         return self.folder / f"{self.stem(epoch)}.json"
 
+    def extra_path(self, step: int) -> Path:
+        """Save now's file: ``name-step000123``, a stem no epoch file has (nor the WebUI alias of one)."""
+        return self.folder / f"{self.name}-step{step:06d}.safetensors"
+
     def all_paths(self) -> list[Path]:
-        epochs = [e for e in range(1, self.epochs + 1) if self.saves_after_epoch(e)]
+        epochs = [e for e in range(self.first_epoch, self.epochs + 1) if self.saves_after_epoch(e)]
         return [p for e in epochs for p in (self.lora_path(e), self.sidecar_path(e))]
 
 
