@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..common.files import write_atomically
 from ..engine.network import LoRANetwork
 from ..preview.grid_image import GridLayout, compose_grid, label_font_size
+from ..preview.epoch_recommendation import Recommendation, marked_labels
 from ..preview.grid_spec import EpochFile, GridSpec
 from .grid_render import RenderSettings, WebUIGridRenderer, ZValue
 from .host import WebUI, WebUIHost
@@ -29,6 +30,7 @@ class GridRequest:
     spec: GridSpec
     rows: list[EpochFile]  # the grid's epochs, top to bottom
     out_dir: Path  # a new folder under the project's grids/
+    recommended: Recommendation | None = None  # its row is marked ★
 
 
 @dataclass
@@ -73,6 +75,7 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
                         "cfg_scale": z.cfg_scale, "picture": path.name, "infotext": cell.infotext})
 
     x_labels, y_labels, z_labels = spec.axis_labels(request.rows)
+    y_labels = marked_labels(request.rows, y_labels, request.recommended)
     images = getattr(webui, "images", None)  # the WebUI's label font, as its X/Y/Z plot uses
     font = images.get_font(label_font_size(spec.width, spec.height)) if images is not None else None
     composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels, font)
@@ -104,6 +107,18 @@ def cell_at(grid_folder: Path, x: float, y: float) -> PickedCell | None:
             return PickedCell(Path(entry["file"]), entry["epoch"], entry["is_final"], entry["weight"],
                               grid_folder / "cells" / entry["picture"])
     return None  # a cell the grid never rendered (stopped early)
+
+
+def cell_of(grid_folder: Path, file: Path, weight: float) -> PickedCell | None:
+    """The rendered cell of ``file`` at the grid's weight nearest to ``weight`` (first seed or CFG value): what the
+    page pre-selects for the recommended epoch."""
+    index = json.loads((grid_folder / INDEX_NAME).read_text("utf-8"))
+    entries = [e for e in index["cells"] if Path(e["file"]) == Path(file) and e["iz"] == 0]
+    if not entries:
+        return None
+    entry = min(entries, key=lambda e: (abs(e["weight"] - weight), -e["weight"]))
+    return PickedCell(Path(entry["file"]), entry["epoch"], entry["is_final"], entry["weight"],
+                      grid_folder / "cells" / entry["picture"])
 
 
 def _png_bytes(image: Image.Image, parameters: str) -> bytes:
