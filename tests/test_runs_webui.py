@@ -110,7 +110,7 @@ def test_continue_without_a_saved_run_and_foreign_folders_are_refused(root):
     jobs = runner(root)
     with pytest.raises(ConfigError, match="There is no training state to continue from"):
         jobs.prepare_continue({"name": "nothing-yet"})
-    with pytest.raises(ConfigError, match="state folders are not settings"):
+    with pytest.raises(ConfigError, match="state folder is not a setting"):
         jobs.prepare(settings(root / "pictures", state_dir=str(root / "elsewhere")))
     with pytest.raises(ConfigError, match="LoRA file to start from was not found"):
         jobs.prepare(settings(root / "pictures", initial_lora="live/missing.safetensors"))

@@ -119,9 +119,10 @@ class TrainingJobs:
         subfolder of the Lora folder, and server paths are confined when the WebUI is exposed. Settings the
         API leaves out take the loaded model's family defaults (the tab sends all of them)."""
         values = {**self.family_defaults(self.webui.shared.sd_model), **values}
-        if "output_dir" in values or "state_dir" in values:
-            raise ConfigError("The output and state folders are not settings: files go to the Lora folder, in a "
-                              "subfolder per project, the training state to the project's folder.")
+        if "output_dir" in values:
+            raise ConfigError("The output folder is not a setting: files go to the Lora folder, in a subfolder per project.")
+        if "state_dir" in values:
+            raise ConfigError("The state folder is not a setting: the training state goes to the project's folder.")
         name = check_output_name(str(values.get("name", "")))
         values["output_dir"] = str(self.folders.lora_dir / name)
         values["state_dir"] = str(ProjectFolders.for_name(self.folders.projects_dir, name).training_state)
