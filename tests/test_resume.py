@@ -209,3 +209,18 @@ def test_a_lora_file_of_another_shape_or_alpha_is_refused(tmp_path, data):
         train_lora(host, settings(tmp_path, "second", state_dir="", initial_lora=str(tmp_path / "broken.safetensors")))
     assert fingerprint(host.model) == before and hook_count(host.model) == 0
     assert not (tmp_path / "second").exists()
+
+
+@pytest.mark.parametrize("optimizer", [
+    dict(optimizer="AdamWScheduleFree", lr_scheduler="constant", lr_warmup_steps=2),  # averaged iterates, own warmup
+    dict(optimizer="Prodigy", unet_lr=1.0, text_encoder_lr=1.0),  # its estimate d lives in the groups
+    dict(optimizer="Lion", unet_lr=1e-4, text_encoder_lr=5e-5, loraplus_lr_ratio=4.0),  # LoRA+'s second group
+], ids=["schedule_free", "prodigy", "lion_loraplus"])
+def test_continue_is_bit_identical_with_other_optimizers(tmp_path, data, optimizer):
+    whole = train_lora(fresh_host(), settings(tmp_path, "whole", epochs=3, **optimizer))
+    host = fresh_host()
+    stop_after_epoch(host, 1)
+    train_lora(host, settings(tmp_path, "parts", epochs=3, **optimizer))
+    continued = train_lora(fresh_host(), settings(tmp_path, "parts", epochs=3, **optimizer), resume=True)
+    assert continued.continued_from_epoch == 1
+    assert tensor_bytes(continued.saved_files[-1]) == tensor_bytes(whole.saved_files[-1])

@@ -97,16 +97,15 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                                          loss=step.loss, learning_rate=step.learning_rate))
                     if save_now is not None and save_now.take():
                         _save_now(host, config, plan, facts, run, epoch, result)
-                with evaluation_weights(run.optimizers):  # schedule-free: the averaged weights are the model
-                    validation_loss = _validate(host, config, validation, run, epoch, result)
-                    if plan.saves_after_epoch(epoch):
-                        _save_epoch(host, config, plan, facts, run, epoch, result, validation_loss)
+                saves = plan.saves_after_epoch(epoch)
+                if validation or saves:
+                    with evaluation_weights(run.optimizers):  # schedule-free: the averaged weights are the model
+                        validation_loss = _validate(host, config, validation, run, epoch, result)
+                        if saves:
+                            _save_epoch(host, config, plan, facts, run, epoch, result, validation_loss)
                 # The state after the averaged weights are swapped back: training goes on from these.
-                if plan.saves_after_epoch(epoch) and config.state_dir:
-                    save_state(state_path(config.state_dir, config.name), run, family=host.family, config=config,
-                               dataset=dataset, epoch=epoch, step=result.steps, session_id=facts.session_id,
-                               started_at=facts.started_at, loss_history=result.loss_history,
-                               validation_history=result.validation_history)
+                if saves and config.state_dir:
+                    _save_training_state(host, config, run, dataset, facts, epoch, result)
         except StopRequested:
             result.stopped = True
         finally:
@@ -166,6 +165,13 @@ def _save_epoch(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts
                          message=f"Saved {plan.lora_path(epoch).name}", saved_files=[str(plan.lora_path(epoch))]))
 
 
+def _save_training_state(host: TrainingHost, config: TrainConfig, run: Run, dataset: dict[str, str], facts: RunFacts,
+                         epoch: int, result: TrainResult) -> None:
+    save_state(state_path(config.state_dir, config.name), run, family=host.family, config=config, dataset=dataset,
+               epoch=epoch, step=result.steps, session_id=facts.session_id, started_at=facts.started_at,
+               loss_history=result.loss_history, validation_history=result.validation_history)
+
+
 def _save_now(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, run: Run, epoch: int,
               result: TrainResult) -> None:
     """The network after this step as an extra file; a file that cannot be written is reported, and the training
@@ -175,7 +181,7 @@ def _save_now(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: 
         with evaluation_weights(run.optimizers):
             _write_file(config, path, path.with_suffix(".json"), facts, run, host, epoch, result.steps, None)
     except OutputError as error:
-        host.report(Progress("training", result.steps, result.total_steps, epoch, config.epochs,
+        host.report(Progress("saving", result.steps, result.total_steps, epoch, config.epochs,
                              message=f"Save now failed: {error} Training goes on."))
         return
     result.saved_files.append(path)

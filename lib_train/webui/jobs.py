@@ -145,7 +145,9 @@ class TrainingJobs:
         name (any difference is named before the run goes on, see ``check_continuation``)."""
         name = check_output_name(str(values.get("name", "")))
         saved = load_state(state_path(ProjectFolders.for_name(self.folders.projects_dir, name).training_state, name))
-        settings = {key: value for key, value in saved.settings.items() if key not in ("output_dir", "state_dir")}
+        # The folders are the project's; the starting LoRA file mattered only for the first epoch.
+        settings = {key: value for key, value in saved.settings.items()
+                    if key not in ("output_dir", "state_dir", "initial_lora")}
         return self.prepare({**settings, **values})
 
     def _lora_file(self, given: str) -> Path:
