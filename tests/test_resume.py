@@ -224,3 +224,18 @@ def test_continue_is_bit_identical_with_other_optimizers(tmp_path, data, optimiz
     continued = train_lora(fresh_host(), settings(tmp_path, "parts", epochs=3, **optimizer), resume=True)
     assert continued.continued_from_epoch == 1
     assert tensor_bytes(continued.saved_files[-1]) == tensor_bytes(whole.saved_files[-1])
+
+
+def test_train_longer_keeps_the_old_final_as_its_epoch_file(tmp_path, data):
+    finished = train_lora(fresh_host(), settings(tmp_path, "run", epochs=2))
+    old_final = tensor_bytes(finished.saved_files[-1])
+    with pytest.raises(ResumeChanged, match="epochs: 2 → 3"):
+        train_lora(fresh_host(), settings(tmp_path, "run", epochs=3), resume=True)
+    longer = train_lora(fresh_host(), settings(tmp_path, "run", epochs=3), resume=True, accept_changes=True)
+    assert longer.continued_from_epoch == 2 and [p.name for p in longer.saved_files] == ["tiny.safetensors"]
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-000001.json", "tiny-000001.safetensors", "tiny-000002.json",
+                                                     "tiny-000002.safetensors", "tiny.json", "tiny.safetensors"]
+    assert tensor_bytes(out / "tiny-000002.safetensors") == old_final
+    with safe_open(str(out / "tiny-000002.safetensors"), "pt") as moved:
+        assert moved.metadata()["ss_output_name"] == "tiny-000002" and moved.metadata()["ss_epoch"] == "2"

@@ -308,7 +308,7 @@ class TrainConfig:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"Config file {path} is not valid TOML: {error}") from None
         # Relative folders in a config file are relative to the file, not to the working directory.
-        for key in ("train_dir", "output_dir"):
+        for key in ("train_dir", "output_dir", "state_dir", "initial_lora"):
             if key in values and values[key] and not Path(values[key]).is_absolute():
                 values[key] = str((path.parent / values[key]).resolve())
         return cls.from_dict(values)

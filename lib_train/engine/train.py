@@ -20,7 +20,7 @@ from .initial_lora import load_initial_lora
 from .metadata import RunFacts, lora_metadata, sidecar
 from .model_guard import frozen
 from .optim import evaluation_weights
-from .save import SAVE_DTYPES, OutputPlan, write_lora, write_sidecar
+from .save import SAVE_DTYPES, OutputPlan, keep_final_as_epoch, write_lora, write_sidecar
 from .save_now import SaveNow
 from .steps import (Run, StopRequested, cache_latents, caption_conditioning, check_run, epoch_steps, start_run,
                     usable_pictures)
@@ -58,6 +58,9 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     dataset = dataset_digest(scan.records, config.train_dir) if config.state_dir or resume else {}
     saved = _saved_run(host, config, dataset, accept_changes) if resume else None
     first_epoch = saved.epoch + 1 if saved else 1
+    if saved and saved.epoch == saved.settings.get("epochs"):  # trained longer: the old final is an epoch now
+        keep_final_as_epoch(OutputPlan(Path(config.output_dir), config.name, config.epochs,
+                                       config.save_every_n_epochs, config.overwrite), saved.epoch, saved.session_id)
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite,
                              first_epoch)
     data = config.training_data(scan.records)

@@ -263,12 +263,12 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
         settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
         # A checkpoint of another family loaded since the page showed its defaults: untouched values follow it.
         settings.update(defaults_switch(settings, shown, runner.family_defaults(shared.sd_model)))
-        if uploads:
-            settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
-        if resume is not None:
-            config = runner.prepare_continue(settings if resume[0] else {"name": name})
+        if resume is not None and not resume[0]:
+            config = runner.prepare_continue({"name": name})  # the saved run's settings, whatever the page shows
         else:
-            config = runner.prepare(settings)
+            if uploads:
+                settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
+            config = runner.prepare_continue(settings) if resume is not None else runner.prepare(settings)
         job = runner.begin()
     except TrainToolsError as error:
         global _refusal
