@@ -103,18 +103,18 @@ def copy_lora_as(source: Path, target: Path, metadata: dict[str, str], overwrite
     write_lora(target, load_file(str(source)), renamed, overwrite)
 
 
-def keep_final_as_epoch(plan: OutputPlan, epoch: int, session_id: int) -> Path | None:
+def keep_final_as_epoch(folder: Path, name: str, epoch: int, session_id: int) -> Path | None:
     """A finished run trained longer: its final ``name.safetensors`` (epoch ``epoch``, this run's session) becomes
     the epoch file ``name-00000N`` with its card, so the new final does not replace it. Nothing to do (None) when
     the final is not that file."""
-    final = plan.folder / f"{plan.name}.safetensors"
+    final = folder / f"{name}.safetensors"
     if not final.is_file():
         return None
     with safe_open(str(final), "pt") as handle:
         metadata = dict(handle.metadata() or {})
     if metadata.get("ss_session_id") != str(session_id) or metadata.get("ss_epoch") != str(epoch):
         return None
-    target = plan.lora_path(epoch)
+    target = folder / f"{name}-{epoch:06d}.safetensors"
     copy_lora_as(final, target, metadata, overwrite=False)
     card = final.with_suffix(".json")
     if card.exists():

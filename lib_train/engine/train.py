@@ -59,8 +59,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     saved = _saved_run(host, config, dataset, accept_changes) if resume else None
     first_epoch = saved.epoch + 1 if saved else 1
     if saved and saved.epoch == saved.settings.get("epochs"):  # trained longer: the old final is an epoch now
-        keep_final_as_epoch(OutputPlan(Path(config.output_dir), config.name, config.epochs,
-                                       config.save_every_n_epochs, config.overwrite), saved.epoch, saved.session_id)
+        keep_final_as_epoch(Path(config.output_dir), config.name, saved.epoch, saved.session_id)
     plan = OutputPlan.create(config.output_dir, config.name, config.epochs, config.save_every_n_epochs, config.overwrite,
                              first_epoch)
     data = config.training_data(scan.records)
