@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lib_train.common.errors import ConfigError
 from lib_train.engine.model_guard import fingerprint
-from lib_train.preview.epoch_recommendation import MARK, marked_labels, recommend_epoch
+from lib_train.preview.epoch_recommendation import GRID_MARK, marked_labels, recommend_epoch
 from lib_train.preview.grid_spec import epoch_files
 from lib_train.webui.grid import cell_of
 from lib_train.webui.jobs import Folders, TrainingJobs
@@ -172,7 +172,7 @@ def test_recommended_epoch_is_the_lowest_validation_loss(tmp_path, losses, best,
     assert found.file.epoch == best and found.still_falling is falling
     assert found.loss == min(losses) and ("still falling" in found.explain()) is falling
     labels = marked_labels(files, [f.label for f in files], found)
-    assert [label.startswith(MARK) for label in labels] == [f.epoch == best for f in files]
+    assert [label.endswith(GRID_MARK) for label in labels] == [f.epoch == best for f in files]
 
 
 def test_no_recommendation_without_two_validation_losses(tmp_path):

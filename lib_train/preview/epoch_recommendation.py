@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from .grid_spec import EpochFile, read_lora_metadata
 
-MARK = "★"
+MARK = "★"  # in the page's text; the grid's labels are drawn in the WebUI's Roboto, which has no ★
+GRID_MARK = "(lowest validation loss)"
 
 
 @dataclass(frozen=True)
@@ -55,4 +56,5 @@ def marked_labels(rows: list[EpochFile], labels: list[str], recommendation: Reco
     """The grid's epoch labels with the recommended row marked."""
     if recommendation is None:
         return labels
-    return [f"{MARK} {label}" if row.path == recommendation.file.path else label for row, label in zip(rows, labels)]
+    return [f"{label} {GRID_MARK}" if row.path == recommendation.file.path else label
+            for row, label in zip(rows, labels)]
