@@ -61,7 +61,8 @@ def _recommended_cell(job) -> tuple:
                                                            f"{_use_explanation(cell)}")
 
 
-_render_in_queue = call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", None, "", "", ""])
+# On an exception the wrapper returns these followed by the error as the last output (the status).
+_render_in_queue = call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", None, "", ""])
 
 
 def _render_after_training(id_task: str, want: bool, name: str, *values):
