@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
                              "(a rerun then starts without encoding; the result is the same)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
+    train.add_argument("--continue", dest="resume", action="store_true",
+                       help="continue from the training state in the config's state_dir (after its last saved epoch)")
+    train.add_argument("--accept-changes", action="store_true",
+                       help="with --continue: go on even if settings or pictures differ from the saved run's")
     find_lr.add_argument("--steps", type=int, help="the probe's optimizer steps (default: lr_finder_steps)")
     find_lr.add_argument("--json", help="write the rates found, their history and the loss to this file")
     args = parser.parse_args(argv)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         host = _load_host(args.checkpoint, args.device, config, args.v_prediction)
         loading_seconds = time.time() - started
         resident_cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
-        result = train_lora(host, config, CacheFolder(args.cache_dir) if args.cache_dir else None)
+        result = train_lora(host, config, CacheFolder(args.cache_dir) if args.cache_dir else None,
+                            resume=args.resume, accept_changes=args.accept_changes)
     except TrainToolsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -113,6 +113,37 @@ def on_app_started(demo, app) -> None:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()
 
+    @app.post("/train-tools/v1/continue", dependencies=dependencies)
+    def continue_training(body: dict = Body(...)):
+        """Continue the project's run from its last saved epoch: {name, accept_changes?, ...settings to change}.
+        Without accept_changes, changed settings or pictures stop the job before any step: its status is "failed",
+        its error names them and "changes" lists them."""
+        runner = jobs()
+        settings = {key: value for key, value in body.items() if key != "accept_changes"}
+        try:
+            job = runner.run_in_background(runner.prepare_continue(settings), resume=True,
+                                           accept_changes=bool(body.get("accept_changes")))
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return job.to_dict()
+
+    @app.post("/train-tools/v1/save-now", dependencies=dependencies)
+    def save_now():
+        """An extra file of the running training's network after its current step (name-stepNNNNNN); it goes on."""
+        try:
+            return jobs().save_now().to_dict()
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    @app.get("/train-tools/v1/recommend", dependencies=dependencies)
+    def recommend(name: str):
+        """The saved epoch of lowest validation loss, and whether the loss was still falling ({} without two)."""
+        try:
+            found = jobs().recommend(name)
+        except TrainToolsError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        return found.to_dict() if found else {}
+
     @app.post("/train-tools/v1/prepare", dependencies=dependencies)
     def start_prepare(settings: dict = Body(...)):
         """Fill the training folder's cache for these settings (the train body), so the training starts at once."""

@@ -83,3 +83,20 @@ def test_find_lr_prints_the_rates_for_the_config_and_writes_nothing_else(tmp_pat
         assert f"{'unet_lr' if part == 'unet' else 'text_encoder_lr'} = {rate:.2e}" in completed.stdout
     assert "Prodigy estimated: UNet" in completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_continue_from_the_command_line_names_changes_then_accepts_them(tmp_path):
+    config = demo_config(tmp_path, 'state_dir = "state"\n')
+    first = run_cli("train", "--config", str(config))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "state" / "ttdemo.training-state.pt").is_file()  # beside the config, as the TOML says
+    config.write_text(config.read_text(encoding="utf-8").replace("epochs = 3", "epochs = 4"), encoding="utf-8")
+    refused = run_cli("train", "--config", str(config), "--continue")
+    assert refused.returncode == 2 and "- epochs: 3 → 4" in refused.stderr, refused.stderr[-3000:]
+    accepted = run_cli("train", "--config", str(config), "--continue", "--accept-changes")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert "done: 48/48 steps" in accepted.stdout
+    with safe_open(str(tmp_path / "out" / "ttdemo.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_epoch"] == "4"
+    with safe_open(str(tmp_path / "out" / "ttdemo-000003.safetensors"), "pt") as handle:  # the old final, kept
+        assert handle.metadata()["ss_epoch"] == "3" and handle.metadata()["ss_output_name"] == "ttdemo-000003"

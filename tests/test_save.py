@@ -92,6 +92,8 @@ KOHYA_SS_KEYS = {
     # the base model, then what each save sets
     "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_sd_model_name", "ss_epoch", "ss_training_finished_at", "ss_steps",
 }
+# Ours beside kohya's: sd-scripts logs its validation loss but writes no key for it.
+OWN_KEYS = {"ss_validation_loss"}
 KOHYA_OTHER_KEYS = {
     "sshs_model_hash", "sshs_legacy_hash",
     "modelspec.architecture", "modelspec.implementation", "modelspec.title", "modelspec.resolution",
@@ -105,7 +107,7 @@ def test_metadata_keys_are_the_reference_trainers(tiny_host, tmp_path):
     make_concept_images(tmp_path / "data" / "1_subject", count=2)
     plain = read_metadata(train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "plain", epochs=1,
                                                             trigger_words="")).saved_files[-1])
-    assert set(plain) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS
+    assert set(plain) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS | OWN_KEYS
     assert plain["modelspec.sai_model_spec"] == "1.0.1"
     assert plain["modelspec.implementation_version"].startswith("train-tools/")
     assert plain["ss_sd_scripts_commit_hash"] == "(unknown)" and plain["ss_training_comment"] == "None"
@@ -113,7 +115,7 @@ def test_metadata_keys_are_the_reference_trainers(tiny_host, tmp_path):
 
     full = read_metadata(train_lora(tiny_host, tiny_config(tmp_path / "data", tmp_path / "full", epochs=1, conv_rank=2,
                                                            clip_skip=2, enable_buckets=True)).saved_files[-1])
-    assert set(full) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS | {
+    assert set(full) == KOHYA_SS_KEYS | KOHYA_OTHER_KEYS | OWN_KEYS | {
         "ss_network_args", "modelspec.encoder_layer", "modelspec.trigger_phrase"}
     assert json.loads(full["ss_bucket_info"])["buckets"] and full["ss_min_bucket_reso"] == "64"
 

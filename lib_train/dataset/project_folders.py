@@ -3,7 +3,8 @@
 ``originals/`` holds untouched copies of everything imported, ``pictures/`` the prepared images and their
 ``.txt`` captions (the training folder, the only place captions are edited), ``grids/`` the preview grids,
 ``cache/`` the latents and caption embeddings kept between trainings, ``samples/`` the pictures rendered during
-trainings (a folder per run), ``regularization/`` the class pictures made for it.
+trainings (a folder per run), ``regularization/`` the class pictures made for it, ``training_state/`` the state of
+the last saved epoch that Continue starts from (never in the Lora folder, where the WebUI lists files).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class ProjectFolders:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def training_state(self) -> Path:
+        return self.root / "training_state"
 
 
 # Caches of training folders that are not a project's pictures; the dot keeps them out of the project list.

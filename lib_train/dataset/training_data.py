@@ -369,6 +369,19 @@ class TrainingData:
         for indices in plan:
             yield self._make_batch(indices, rng, self._latents, self._flipped_latents)
 
+    def fixed_batches(self) -> Iterator[Batch]:
+        """Every picture once, as it is (not mirrored, its caption unchanged), bucket by bucket in a fixed order:
+        what the validation loss is measured on, drawing no random number."""
+        if self._latents is None:
+            raise RuntimeError("TrainingData.cache_latents() must run before fixed_batches().")
+        for _, members in sorted(self._members.items()):
+            for start in range(0, len(members), self.batch_size):
+                indices = members[start : start + self.batch_size]
+                masks = [self._masks[i, False] for i in indices] if self._masks is not None else []
+                yield Batch(torch.stack([self._latents[i] for i in indices]),
+                            [self.records[i].caption for i in indices], [self.records[i] for i in indices],
+                            [self.size_condition(i) for i in indices], torch.stack(masks) if masks else None)
+
     def _make_batch(
         self,
         indices: list[int],

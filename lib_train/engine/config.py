@@ -127,6 +127,9 @@ class TrainConfig:
     save_every_n_epochs: int = 1  # 0: only the final file
     save_precision: str = "fp16"
     comment: str = ""
+    validation_loss: bool = True  # after every epoch, every picture at fixed noise and timesteps (validation.py)
+    state_dir: str = ""  # where each saved epoch's training state goes (the project's folder), "" for none
+    initial_lora: str = ""  # a .safetensors of this run's network shape to start from instead of fresh weights
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -180,6 +183,9 @@ class TrainConfig:
         need(self.save_every_n_epochs >= 0, tr("Save every N epochs cannot be negative."))
         need(self.save_precision in SAVE_PRECISIONS,
              tr("Save precision must be one of {value}.", value=', '.join(SAVE_PRECISIONS)))
+        need(not self.initial_lora or Path(self.initial_lora).suffix == ".safetensors",
+             tr("The LoRA file to start from must be a .safetensors file (got {initial_lora}).",
+                initial_lora=self.initial_lora))
         return self
 
     def _validate_loss_and_noise(self, need) -> None:
@@ -351,7 +357,7 @@ class TrainConfig:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(tr("Config file {path} is not valid TOML: {error}", path=path, error=error)) from None
         # Relative folders in a config file are relative to the file, not to the working directory.
-        for key in ("train_dir", "output_dir", "reg_dir"):
+        for key in ("train_dir", "output_dir", "reg_dir", "state_dir", "initial_lora"):
             if key in values and values[key] and not Path(values[key]).is_absolute():
                 values[key] = str((path.parent / values[key]).resolve())
         return cls.from_dict(values)

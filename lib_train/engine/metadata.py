@@ -14,6 +14,7 @@ from ..hosts.protocol import BaseModelInfo, ModelFamily, PredictionType
 from .config import TrainConfig
 from .network_spec import NetworkSpec
 from .optim import describe_optimizer, optimizer_kind
+from .validation import SEED_OFFSET as VALIDATION_SEED_OFFSET
 
 _BASE_MODEL_VERSION = {ModelFamily.SD1: "sd_v1", ModelFamily.SD2: "sd_v2", ModelFamily.SDXL: "sdxl_base_v1-0"}
 _ARCHITECTURE = {ModelFamily.SD1: "stable-diffusion-v1/lora", ModelFamily.SD2: "stable-diffusion-v2-512/lora",
@@ -42,8 +43,10 @@ class RunFacts:
     extra: dict = field(default_factory=dict)
 
 
-def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epoch: int, steps: int) -> dict[str, str]:
-    """Every value a string, as safetensors requires; dicts as JSON (A1111 parses values starting with '{')."""
+def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epoch: int, steps: int,
+                  validation_loss: float | None = None) -> dict[str, str]:
+    """Every value a string, as safetensors requires; dicts as JSON (A1111 parses values starting with '{').
+    ``validation_loss``: this epoch's (``ss_validation_loss``; sd-scripts only logs its own, it writes no key)."""
     network = NetworkSpec.of(config)
     ss = {
         "ss_session_id": facts.session_id,
@@ -107,11 +110,13 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         "ss_huber_c": config.huber_c,
         "ss_fp8_base": False,
         "ss_fp8_base_unet": False,
-        "ss_num_validation_images": 0,
-        "ss_validation_seed": None,
+        # Validation uses every training picture (no split) at fixed noise from its own seed (validation.py).
+        "ss_num_validation_images": (sum(d["img_count"] for d in facts.dataset_dirs.values())
+                                     if config.validation_loss else 0),
+        "ss_validation_seed": config.seed + VALIDATION_SEED_OFFSET if config.validation_loss else None,
         "ss_validation_split": 0.0,
         "ss_max_validation_steps": None,
-        "ss_validate_every_n_epochs": None,
+        "ss_validate_every_n_epochs": 1 if config.validation_loss else None,
         "ss_validate_every_n_steps": None,
         "ss_resize_interpolation": None,
         "ss_resolution": (config.resolution, config.resolution),
@@ -139,6 +144,8 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, *, output_name: str, epo
         network_args = {**{k: v for k, v in (network_args or {}).items() if k != "dropout"}, **loraplus, "dropout": None}
     if network_args is not None:
         ss["ss_network_args"] = network_args
+    if validation_loss is not None:
+        ss["ss_validation_loss"] = validation_loss
     if config.masked_loss:  # sd-scripts records no masked loss; metadata viewers (lora-inspector) read this key
         ss["ss_masked_loss"] = True
     if facts.base_model.vae_name:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
 from ..common.errors import OutputError
@@ -28,9 +30,12 @@ class OutputPlan:
     save_every_n_epochs: int
     overwrite: bool
 
+    first_epoch: int = 1  # a continued run writes the epochs after its saved state only
+
     @classmethod
-    def create(cls, folder: str | Path, name: str, epochs: int, save_every_n_epochs: int, overwrite: bool) -> "OutputPlan":
-        plan = cls(Path(folder), check_output_name(name), epochs, save_every_n_epochs, overwrite)
+    def create(cls, folder: str | Path, name: str, epochs: int, save_every_n_epochs: int, overwrite: bool,
+               first_epoch: int = 1) -> "OutputPlan":
+        plan = cls(Path(folder), check_output_name(name), epochs, save_every_n_epochs, overwrite, first_epoch)
         if plan.folder.exists() and not plan.folder.is_dir():
             raise OutputError(tr("The output folder {folder} is a file.", folder=plan.folder))
         if not overwrite:
@@ -54,8 +59,12 @@ class OutputPlan:
     def sidecar_path(self, epoch: int) -> Path:
         return self.folder / f"{self.stem(epoch)}.json"
 
+    def extra_path(self, step: int) -> Path:
+        """Save now's file: ``name-step000123``, a stem no epoch file has (nor the WebUI alias of one)."""
+        return self.folder / f"{self.name}-step{step:06d}.safetensors"
+
     def all_paths(self) -> list[Path]:
-        epochs = [e for e in range(1, self.epochs + 1) if self.saves_after_epoch(e)]
+        epochs = [e for e in range(self.first_epoch, self.epochs + 1) if self.saves_after_epoch(e)]
         return [p for e in epochs for p in (self.lora_path(e), self.sidecar_path(e))]
 
 
@@ -80,3 +89,38 @@ def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, s
 def write_sidecar(path: Path, values: dict, overwrite: bool) -> None:
     text = json.dumps(values, ensure_ascii=False, indent=4) + "\n"
     write_atomically(path, text.encode("utf-8"), overwrite)
+
+
+def copy_lora_as(source: Path, target: Path, metadata: dict[str, str], overwrite: bool) -> None:
+    """Copy a LoRA under another stem. The WebUI takes the alias of ``<lora:ALIAS:w>`` from ``ss_output_name``
+    and forbids an alias two files share, so a plain byte copy of ``x-000003`` to ``x`` would make both
+    ``x-000003`` cards fall back to file names with a "Duplicate alias" warning. The header metadata follows the
+    new stem instead; the tensors are loaded and written back unchanged. ``write_lora`` recomputes the sshs
+    hashes: the model hash covers the tensor bytes only (so it stays the same), while the legacy hash covers
+    bytes at 1 MiB that shift with the header's length. Writing a new file (not copying with its old mtime)
+    also makes the WebUI re-read the metadata it caches by modification time."""
+    renamed = dict(metadata, ss_output_name=target.stem)
+    if "modelspec.title" in renamed:
+        renamed["modelspec.title"] = target.stem
+    write_lora(target, load_file(str(source)), renamed, overwrite)
+
+
+def keep_final_as_epoch(folder: Path, name: str, epoch: int, session_id: int) -> Path | None:
+    """A finished run trained longer: its final ``name.safetensors`` (epoch ``epoch``, this run's session) becomes
+    the epoch file ``name-00000N`` with its card, so the new final does not replace it. Nothing to do (None) when
+    the final is not that file."""
+    final = folder / f"{name}.safetensors"
+    if not final.is_file():
+        return None
+    with safe_open(str(final), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    if metadata.get("ss_session_id") != str(session_id) or metadata.get("ss_epoch") != str(epoch):
+        return None
+    target = folder / f"{name}-{epoch:06d}.safetensors"
+    copy_lora_as(final, target, metadata, overwrite=False)
+    card = final.with_suffix(".json")
+    if card.exists():
+        write_atomically(target.with_suffix(".json"), card.read_bytes(), overwrite=False)
+        card.unlink()
+    final.unlink()
+    return target

@@ -72,7 +72,7 @@ class BaseModelInfo:
 class Progress:
     """What the engine reports after every optimizer step and at each phase change."""
 
-    phase: str  # "caching", "training", "saving", "done"
+    phase: str  # "caching", "training", "validated", "saving", "saved", "done"
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
@@ -80,6 +80,7 @@ class Progress:
     loss: float | None = None
     learning_rate: float | None = None
     learning_rates: dict[str, float] = field(default_factory=dict)  # the learning-rate finder's estimate per part
+    validation_loss: float | None = None  # after an epoch ("validated"), see engine/validation.py
     message: str = ""
     saved_files: list[str] = field(default_factory=list)
 

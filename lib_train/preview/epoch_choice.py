@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from safetensors.torch import load_file
 
 from ..common.errors import OutputError
 from ..common.files import check_output_name, write_atomically
 from ..common.i18n import tr
-from ..engine.save import write_lora, write_sidecar
+from ..engine.save import copy_lora_as, write_sidecar
 from .grid_spec import WEIGHT_RANGE, EpochFile, epoch_files, epoch_suffix_pattern, read_lora_metadata
 
 
@@ -63,11 +62,11 @@ def choose_epoch(lora_folder: str | Path, name: str, epoch_file: EpochFile, weig
     doomed = _other_run_files(folder, name, epoch_file, chosen_meta) if delete_others else []
 
     if keep_final is not None:
-        _copy_as(final_path, keep_final, final_meta, overwrite=False)
+        copy_lora_as(final_path, keep_final, final_meta, overwrite=False)
         if final_card is not None:
             write_sidecar(keep_final.with_suffix(".json"), final_card, overwrite=False)
     if not is_final:
-        _copy_as(epoch_file.path, final_path, chosen_meta, overwrite=True)
+        copy_lora_as(epoch_file.path, final_path, chosen_meta, overwrite=True)
     card["preferred weight"] = weight
     write_sidecar(sidecar_path, card, overwrite=True)
     preview_path = folder / f"{name}.preview.png"
@@ -146,20 +145,6 @@ def _read_card(path: Path) -> dict | None:
     if not isinstance(values, dict):
         raise OutputError(tr("{path} does not hold card data (a JSON object); fix or delete it.", path=path))
     return values
-
-
-def _copy_as(source: Path, target: Path, metadata: dict[str, str], overwrite: bool) -> None:
-    """Copy a LoRA under another stem. The WebUI takes the alias of ``<lora:ALIAS:w>`` from ``ss_output_name``
-    and forbids an alias two files share, so a plain byte copy of ``x-000003`` to ``x`` would make both
-    ``x-000003`` cards fall back to file names with a "Duplicate alias" warning. The header metadata follows the
-    new stem instead; the tensors are loaded and written back unchanged. ``write_lora`` recomputes the sshs
-    hashes: the model hash covers the tensor bytes only (so it stays the same), while the legacy hash covers
-    bytes at 1 MiB that shift with the header's length. Writing a new file (not copying with its old mtime)
-    also makes the WebUI re-read the metadata it caches by modification time."""
-    renamed = dict(metadata, ss_output_name=target.stem)
-    if "modelspec.title" in renamed:
-        renamed["modelspec.title"] = target.stem
-    write_lora(target, load_file(str(source)), renamed, overwrite)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

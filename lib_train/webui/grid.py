@@ -12,6 +12,7 @@ from pathlib import Path
 from ..common.files import png_bytes, write_atomically
 from ..common.i18n import ENGLISH, current_language, language_scope, tr
 from ..engine.network import LoRANetwork
+from ..preview.epoch_recommendation import Recommendation, marked_labels
 from ..preview.grid_image import GridLayout, compose_grid, default_label_font, font_draws, label_font_size
 from ..preview.grid_spec import EpochFile, GridSpec
 from .grid_render import RenderSettings, WebUIGridRenderer, ZValue
@@ -26,6 +27,7 @@ class GridRequest:
     spec: GridSpec
     rows: list[EpochFile]  # the grid's epochs, top to bottom
     out_dir: Path  # a new folder under the project's grids/
+    recommended: Recommendation | None = None  # its row is marked ★
 
 
 @dataclass
@@ -76,6 +78,7 @@ def render_grid(webui: WebUI, host: WebUIHost, request: GridRequest,
     drawable = font_draws(font or default_label_font(label_font_size(spec.width, spec.height)), words)
     with language_scope(current_language() if drawable else ENGLISH):
         x_labels, y_labels, z_labels = spec.axis_labels(request.rows)
+        y_labels = marked_labels(request.rows, y_labels, request.recommended)
     composed = compose_grid({key: cell.image for key, cell in cells.items()}, x_labels, y_labels, z_labels, font)
     grid_path = out / "grid.png"
     write_atomically(grid_path, png_bytes(composed.image, f"Train Tools preview grid of {request.name}"), overwrite=False)
@@ -105,3 +108,16 @@ def cell_at(grid_folder: Path, x: float, y: float) -> PickedCell | None:
             return PickedCell(Path(entry["file"]), entry["epoch"], entry["is_final"], entry["weight"],
                               grid_folder / "cells" / entry["picture"])
     return None  # a cell the grid never rendered (stopped early)
+
+
+def cell_of(grid_folder: Path, file: Path, weight: float) -> PickedCell | None:
+    """The rendered cell of ``file`` at the grid's weight nearest to ``weight`` (first seed or CFG value): what the
+    page pre-selects for the recommended epoch."""
+    index = json.loads((grid_folder / INDEX_NAME).read_text("utf-8"))
+    entries = [e for e in index["cells"] if Path(e["file"]) == Path(file) and e["iz"] == 0]
+    if not entries:
+        return None
+    entry = min(entries, key=lambda e: (abs(e["weight"] - weight), -e["weight"]))
+    return PickedCell(Path(entry["file"]), entry["epoch"], entry["is_final"], entry["weight"],
+                      grid_folder / "cells" / entry["picture"])
+

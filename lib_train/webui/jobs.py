@@ -32,9 +32,12 @@ from ..engine.presets import PresetStore
 from ..engine.sample_prompts import folder_tag_counts, made_prompts
 from ..engine.samples import TrainingSamples
 from ..engine.save import OutputPlan
+from ..engine.save_now import SaveNow
 from ..engine.train import prepare_caches, train_lora
+from ..engine.training_state import ResumeChanged, load_state, state_path
 from ..hosts.protocol import ModelFamily, PredictionType, Progress
 from ..preview.epoch_choice import ChoiceResult, choose_epoch
+from ..preview.epoch_recommendation import Recommendation, recommend_epoch
 from ..preview.grid_spec import GridSpec, epoch_files, epoch_suffix_pattern, parse_number_list, read_lora_metadata
 from .grid import GridRequest, PickedCell, cell_at, new_grid_folder, render_grid
 from .grid_render import check_base_model, lora_family
@@ -47,7 +50,8 @@ from .path_policy import confine
 @dataclass
 class JobStatus:
     id: str
-    kind: str = "train"  # train, prepare (fill the cache), find-lr (the learning-rate finder), grid or class-pictures
+    kind: str = "train"  # train, continue, prepare (fill the cache), find-lr (the learning-rate finder), grid or
+    # class-pictures
     state: str = "queued"  # queued, running, done, stopped, failed
     phase: str = ""
     message: str = ""
@@ -56,10 +60,14 @@ class JobStatus:
     epoch: int = 0
     total_epochs: int = 0
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    validation_history: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, step, validation loss)
+    continued_from_epoch: int = 0  # continue: the saved epoch it started after
+    changes: list[str] = field(default_factory=list)  # continue: settings or pictures that differ from the saved run
     saved_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)  # unusable pictures left out, with the reason
     error: str = ""
     grid_folder: str = ""  # a preview grid's folder (grid.png, grid.json, cells/)
+    recommended: dict = field(default_factory=dict)  # grid: the epoch of lowest validation loss (see recommend)
     model_restored: bool | None = None  # None until checked
     cache: dict = field(default_factory=dict)  # CacheReport's fields: latents/captions reused and total, problems
     setup_seconds: float = 0.0  # from the click to the end of the first training step (encoding included)
@@ -102,6 +110,7 @@ class TrainingJobs:
         self.verify_restore = verify_restore
         self.current: JobStatus | None = None
         self._stop = threading.Event()
+        self._save_now = SaveNow()
         self._guard = threading.Lock()
 
     # -- preparing ------------------------------------------------------------------------------
@@ -153,8 +162,14 @@ class TrainingJobs:
         if "output_dir" in values:
             raise ConfigError(tr("The output folder is not a setting: files go to the Lora folder, in a subfolder "
                                  "per project."))
+        if "state_dir" in values:
+            raise ConfigError(tr("The state folder is not a setting: the training state goes to the project's "
+                                 "folder."))
         name = check_output_name(str(values.get("name", "")))
         values["output_dir"] = str(self.folders.lora_dir / name)
+        values["state_dir"] = str(ProjectFolders.for_name(self.folders.projects_dir, name).training_state)
+        if str(values.get("initial_lora", "")).strip():
+            values["initial_lora"] = str(self._lora_file(str(values["initial_lora"]).strip()))
         train_dir = str(values.get("train_dir", "")).strip()
         if not train_dir:
             raise ConfigError(tr("Choose the training folder (a folder on this server) or upload pictures."))
@@ -182,6 +197,27 @@ class TrainingJobs:
                                  "a matching checkpoint or choose another preset.", name=name,
                                  family=preset.family.value.upper(), loaded=loaded.value.upper()))
         return self.preset_values(name)
+
+    def prepare_continue(self, values: dict) -> TrainConfig:
+        """The settings to continue a project's run with: the saved run's, with what ``values`` gives beside the
+        name (any difference is named before the run goes on, see ``check_continuation``)."""
+        name = check_output_name(str(values.get("name", "")))
+        saved = load_state(state_path(ProjectFolders.for_name(self.folders.projects_dir, name).training_state, name))
+        # The folders are the project's; the starting LoRA file mattered only for the first epoch.
+        settings = {key: value for key, value in saved.settings.items()
+                    if key not in ("output_dir", "state_dir", "initial_lora")}
+        return self.prepare({**settings, **values})
+
+    def _lora_file(self, given: str) -> Path:
+        """A LoRA file to start from: a path, or one relative to the Lora folder (``name/name-000004.safetensors``);
+        inside the Lora folder or the projects when the WebUI is exposed."""
+        path = Path(given).expanduser()
+        path = path if path.is_absolute() else self.folders.lora_dir / path
+        if self.folders.exposed:
+            path = confine(path, [self.folders.lora_dir, self.folders.projects_dir], tr("LoRA file to start from"))
+        if not path.is_file():
+            raise ConfigError(tr("The LoRA file to start from was not found: {path}", path=path))
+        return path
 
     def _refuse_alias_clashes(self, config: TrainConfig) -> None:
         """The WebUI names a Lora by its file stem across all subfolders: a clash would hide one of them."""
@@ -238,23 +274,36 @@ class TrainingJobs:
                         }.get(self.current.kind, tr("A training"))
                 raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
             self._stop.clear()
+            self._save_now = SaveNow()  # a request left from the last job is not this one's
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
 
-    def run(self, job: JobStatus, config: TrainConfig) -> JobStatus:
-        """Train on the live model. The caller holds the WebUI queue lock and has begun ``shared.state``."""
+    def run(self, job: JobStatus, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
+        """Train on the live model, or with ``resume`` continue the project's saved run (``accept_changes``: even
+        when settings or pictures changed, which are named in the status). The caller holds the WebUI queue lock
+        and has begun ``shared.state``."""
 
         def work() -> None:
+            job.kind = "continue" if resume else "train"
             host = self._training_host(job, config)
             samples = self._samples(job, config, host)
-            result = self._on_live_model(job, host, lambda: train_lora(host, config, self.cache_folder(config.train_dir),
-                                                                       samples))
+            try:
+                result = self._on_live_model(job, host, lambda: train_lora(
+                    host, config, self.cache_folder(config.train_dir), samples, resume=resume,
+                    accept_changes=accept_changes, save_now=self._save_now))
+            except ResumeChanged as refused:
+                job.changes = refused.changes
+                raise
             job.state = "stopped" if result.stopped else "done"
+            job.continued_from_epoch, job.changes = result.continued_from_epoch, result.changes
+            # A continued run's histories begin at its first epoch, before the part trained now.
+            job.loss_history, job.validation_history = list(result.loss_history), list(result.validation_history)
             job.skipped_files = result.skipped_files
             job.cache = asdict(result.cache)
             job.first_step_seconds = result.step_seconds[0] if result.step_seconds else None
-            job.message = (tr("Stopped after {steps} steps", steps=result.steps) if result.stopped else
-                           tr("Done: {steps} steps", steps=result.steps)) + \
+            job.message = (tr("Continued after epoch {epoch}. ", epoch=result.continued_from_epoch) if resume else "") + \
+                (tr("Stopped after {steps} steps", steps=result.steps) if result.stopped else
+                 tr("Done: {steps} steps", steps=result.steps)) + \
                 (tr("; saved {count} file(s).", count=len(result.saved_files)) if result.saved_files else
                  tr("; nothing saved.")) + \
                 f" {result.cache.summary()}" + \
@@ -362,6 +411,7 @@ class TrainingJobs:
                 if before is not None:
                     self._check_restored(job, before)
             job.grid_folder = str(request.out_dir) if result.grid_path else ""
+            job.recommended = request.recommended.to_dict() if request.recommended else {}
             job.saved_files = [str(p) for p in result.cell_paths]
             job.state = "done" if result.complete else "stopped"
             job.message = (tr("Preview grid: {count} pictures.", count=len(result.cell_paths)) if result.complete else
@@ -428,10 +478,20 @@ class TrainingJobs:
                 tr("THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this."))
         return job
 
-    def run_in_background(self, config: TrainConfig) -> JobStatus:
-        """For the HTTP API: train under the queue lock on a thread, registered with the WebUI's progress."""
+    def run_in_background(self, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
+        """For the HTTP API: train (or continue) under the queue lock on a thread, registered with the WebUI's
+        progress."""
         job = self.begin()
-        self._in_background(job, lambda: self.run(job, config))
+        job.kind = "continue" if resume else "train"
+        self._in_background(job, lambda: self.run(job, config, resume, accept_changes))
+        return job
+
+    def save_now(self) -> JobStatus:
+        """Ask the running training for an extra file of its network after the current step; it goes on."""
+        job = self.current
+        if job is None or job.kind not in ("train", "continue") or job.state not in ("queued", "running"):
+            raise ConfigError("No training is running: Save now writes the network of a running training.")
+        self._save_now.request()
         return job
 
     def prepare_in_background(self, config: TrainConfig) -> JobStatus:
@@ -519,9 +579,18 @@ class TrainingJobs:
                 given[key] = list(value)
         given["epochs"] = given.get("epochs") or None  # none given: every epoch file
         spec = GridSpec(**given).validate()  # what is not given keeps GridSpec's defaults
-        rows = spec.select_epochs(epoch_files(self.folders.lora_dir / name, name))
+        available = epoch_files(self.folders.lora_dir / name, name)
+        rows = spec.select_epochs(available)
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
-        return GridRequest(name, spec, rows, new_grid_folder(grids))
+        recommended = recommend_epoch(available)
+        if recommended is not None and all(row.path != recommended.file.path for row in rows):
+            recommended = None  # its epoch is not among the grid's rows: nothing to mark or pre-select
+        return GridRequest(name, spec, rows, new_grid_folder(grids), recommended)
+
+    def recommend(self, name: str) -> Recommendation | None:
+        """The saved epoch of lowest validation loss of the LoRA ``name``; None without two epochs to compare."""
+        name = check_output_name(name)
+        return recommend_epoch(epoch_files(self.folders.lora_dir / name, name))
 
     def stop(self) -> None:
         self._stop.set()
@@ -541,6 +610,8 @@ class TrainingJobs:
                 job.setup_seconds = time.time() - job.started_at
         if progress.phase == "training" and progress.learning_rates:
             job.lr_history.append((progress.step, dict(progress.learning_rates)))
+        if progress.phase == "validated" and progress.validation_loss is not None:
+            job.validation_history.append((progress.epoch, progress.step, progress.validation_loss))
         if progress.phase == "saved":
             job.saved_files.extend(progress.saved_files)
         if progress.phase in ("sampled", "samples-failed"):

@@ -13,6 +13,7 @@ from modules import call_queue, sd_samplers, shared
 from lib_train.common.errors import TrainToolsError
 from lib_train.common.i18n import tr
 from lib_train.preview.grid_spec import default_prompt, epoch_files, read_lora_metadata
+from lib_train.webui.grid import cell_of
 from lib_train.webui.grid_render import check_base_model
 
 from .webui_context import jobs
@@ -30,32 +31,49 @@ def _values(name: str, values: tuple) -> dict:
 
 
 def _render(id_task: str, name: str, *values):
-    """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun."""
+    """Runs inside wrap_gradio_gpu_call: the queue lock is held and shared.state has begun. Returns the grid, its
+    folder, the recommended cell (pre-selected), its choice, its explanation and the status (last: the WebUI's
+    wrapper appends its timing to the last output)."""
     runner = jobs()
+    unpicked = (None, "", "")
     try:
         request = runner.prepare_grid(_values(name, values))
         job = runner.begin()
     except TrainToolsError as error:
-        return None, "", _message(str(error), error=True)
+        return None, "", *unpicked, _message(str(error), error=True)
     job.id = id_task
     runner.run_grid(job, request)
     grid = Path(job.grid_folder) / "grid.png" if job.grid_folder else None
     text = job.error or job.message
     if job.model_restored:
         text += tr(" The live model is unchanged (verified by hash).")
-    return (str(grid) if grid else None), job.grid_folder, _message(text, error=job.state == "failed")
+    picked = _recommended_cell(job) if grid else unpicked
+    return (str(grid) if grid else None), job.grid_folder, *picked, _message(text, error=job.state == "failed")
 
 
-_render_in_queue = call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", ""])
+def _recommended_cell(job) -> tuple:
+    """The ★ epoch's cell at the weight nearest 1, pre-selected, with what Use would do; nothing without one."""
+    if not job.recommended:
+        return None, "", _message("No ★ epoch: the files carry no validation loss to compare (or fewer than two).")
+    cell = cell_of(Path(job.grid_folder), Path(job.recommended["file"]), 1.0)
+    if cell is None:
+        return None, "", _message(job.recommended["message"])
+    return str(cell.picture), _choice_json(cell), _message(f"{job.recommended['message']} Pre-selected: "
+                                                           f"{_use_explanation(cell)}")
+
+
+# On an exception the wrapper returns these followed by the error as the last output (the status).
+_render_in_queue = call_queue.wrap_gradio_gpu_call(_render, extra_outputs=[None, "", None, "", ""])
 
 
 def _render_after_training(id_task: str, want: bool, name: str, *values):
     """Not wrapped itself: when the box is unticked nothing is queued and the page is left as it is."""
     if not want:
-        return gr.update(), gr.update(), gr.update()
+        return (gr.update(),) * 6
     job = jobs().current
-    if job is None or job.kind != "train" or job.state not in ("done", "stopped") or not job.saved_files:
-        return gr.update(), gr.update(), _message(tr("No preview grid: the training saved no file."))
+    if job is None or job.kind not in ("train", "continue") or job.state not in ("done", "stopped") \
+            or not job.saved_files:
+        return (*(gr.update(),) * 5, _message(tr("No preview grid: the training saved no file.")))
     return _render_in_queue(id_task, name, *values)
 
 
@@ -104,10 +122,19 @@ def _pick(name: str, grid_folder: str, evt: gr.SelectData):
         return None, "", _message(str(error), error=True)
     if picked is None:
         return None, "", _message(tr("Click on a picture of the grid."))
-    label = "final" if picked.is_final else f"epoch {picked.epoch}"
-    choice = json.dumps({"file": str(picked.file), "weight": picked.weight, "picture": str(picked.picture)})
-    return str(picked.picture), choice, _message(tr("{label} at weight {weight:g} ({name})", label=label,
-                                                    weight=picked.weight, name=picked.file.name))
+    return str(picked.picture), _choice_json(picked), _message(_use_explanation(picked))
+
+
+def _choice_json(picked) -> str:
+    return json.dumps({"file": str(picked.file), "weight": picked.weight, "picture": str(picked.picture)})
+
+
+def _use_explanation(picked) -> str:
+    """What the Use button will do with this cell."""
+    label = tr("the final file") if picked.is_final else tr("epoch {epoch}", epoch=picked.epoch)
+    return tr("{label} at weight {weight:g} ({name}). Use makes it the LoRA's file {project}.safetensors, this "
+              "picture its preview and {weight:g} its preferred weight.", label=label, weight=picked.weight,
+              name=picked.file.name, project=picked.file.parent.name)
 
 
 def _choose(name: str, choice: str, delete_others: bool) -> str:
@@ -170,10 +197,10 @@ def build(name: gr.Dropdown, trigger: gr.Textbox, train_event) -> None:
     grid_folder, switch_title, choice = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Textbox(visible=False)
     task_id = gr.Textbox(visible=False)
     settings = [prompt, negative, sampler, steps, cfg, width, height, seeds, weights, epochs, third_axis, cfg_values]
-    render.click(fn=_render_in_queue, _js="train_tools_grid_start",
-                 inputs=[task_id, name, *settings], outputs=[grid, grid_folder, status])
+    rendered = [grid, grid_folder, cell, choice, picked_text, status]
+    render.click(fn=_render_in_queue, _js="train_tools_grid_start", inputs=[task_id, name, *settings], outputs=rendered)
     train_event.then(fn=_render_after_training, _js="train_tools_grid_after_training",
-                     inputs=[task_id, after_training, name, *settings], outputs=[grid, grid_folder, status])
+                     inputs=[task_id, after_training, name, *settings], outputs=rendered)
     stop.click(fn=lambda: jobs().stop(), inputs=[], outputs=[])
     fill.click(fn=_fill_prompt, inputs=[name, trigger], outputs=[prompt])
     check.click(fn=_model_check, inputs=[name], outputs=[status, switch, switch_title])

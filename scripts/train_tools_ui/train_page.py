@@ -20,6 +20,7 @@ from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, Tr
 from lib_train.engine.optim import OPTIMIZER_KINDS
 from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
+from lib_train.engine.validation import smoothed
 
 from . import presets_row
 from .webui_context import jobs
@@ -51,6 +52,14 @@ def _setting_components() -> tuple[dict[str, gr.components.Component], dict[str,
         c["skip_unusable_files"] = gr.Checkbox(d.skip_unusable_files, label=tr("Skip unusable files (listed, left "
                                                                                "untouched)"),
                                                elem_id="train_tools_skip_unusable_files")
+        c["validation_loss"] = gr.Checkbox(d.validation_loss, label=tr("Validation loss after each epoch (every "
+                                                                       "picture at fixed noise; ★ in the Preview grid)"),
+                                           elem_id="train_tools_validation_loss")
+    with gr.Row():
+        c["initial_lora"] = gr.Textbox(d.initial_lora, label=tr("Start from an existing LoRA file (optional: a path, "
+                                                                "or name/name-000004.safetensors in the Lora folder; "
+                                                                "same network type, rank and alpha)"),
+                                       elem_id="train_tools_initial_lora")
     _sample_settings(c, extras, d)
     _regularization_settings(c, extras, d)
     with gr.Accordion(tr("Advanced"), open=False, elem_id="train_tools_advanced"):
@@ -272,10 +281,22 @@ def _samples_update(job):
 
 
 def _loss_frame(job):
+    """The training loss, its smoothed curve and the validation loss after each epoch, as the plot's series."""
     import pandas as pd
 
     history = job.loss_history if job else []
-    return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
+    validation = job.validation_history if job else []
+    rows = [(step, loss, "training") for step, loss in history]
+    rows += [(step, loss, "training, smoothed") for (step, _), loss in zip(history, smoothed([v for _, v in history]))]
+    rows += [(step, loss, "validation") for _, step, loss in validation]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _loss_title(job) -> str:
+    if job is None or not job.validation_history:
+        return "Loss"
+    epoch, _, lowest = min(job.validation_history, key=lambda entry: entry[2])
+    return f"Loss (validation lowest at epoch {epoch}: {lowest:.4f})"
 
 
 _PARTS = {"unet": "UNet", "text_encoder": tr("text encoder")}
@@ -287,7 +308,7 @@ _STATES = {"queued": tr("queued"), "running": tr("running"), "done": tr("done"),
 def _plot_update(job):
     """The loss; for a learning-rate search, its estimate per part as it grows, the rates found in the title."""
     if job is None or job.kind != "find-lr" or not job.lr_history:
-        return gr.LinePlot.update(value=_loss_frame(job))
+        return gr.LinePlot.update(value=_loss_frame(job), x="step", y="loss", color="series", title=_loss_title(job))
     import pandas as pd
 
     rows = [(step, _PARTS[part], rate) for step, rates in job.lr_history for part, rate in rates.items()]
@@ -306,30 +327,36 @@ def _refresh():
     job = jobs().current
     running = job is not None and job.state in ("queued", "running")
     if _refusal is not None and not running and (job is None or job.started_at < _refusal[0]):
-        return gr.LinePlot.update(value=_loss_frame(None)), _samples_update(None), "", _refusal[1]
+        return _plot_update(None), _samples_update(None), "", _refusal[1]
     return _plot_update(job), _samples_update(job), _files_html(job), _status_html(job)
 
 
 def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_dir: str, uploads, shown: dict,
-           *values, prepare_only: bool = False, find_lr: bool = False):
+           *values, prepare_only: bool = False, find_lr: bool = False, resume: tuple[bool, bool] | None = None):
     """Runs inside wrap_gradio_gpu_call: the WebUI queue lock is held and shared.state has begun. With
     ``prepare_only`` it fills the cache (Prepare for training), with ``find_lr`` it finds the learning rate,
-    instead of training."""
+    instead of training; with ``resume`` = (use this page's settings, accept changes) it continues the saved run."""
     runner = jobs()
     try:
         settings = dict(zip(keys, values), name=name, trigger_words=trigger_words, train_dir=train_dir)
         # A checkpoint of another family loaded since the page showed its defaults: untouched values follow it.
         settings.update(defaults_switch(settings, shown, runner.family_defaults(shared.sd_model)))
-        if uploads:
-            settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
-        config = runner.prepare(settings)
+        if resume is not None and not resume[0]:
+            config = runner.prepare_continue({"name": name})  # the saved run's settings, whatever the page shows
+        else:
+            if uploads:
+                settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
+            config = runner.prepare_continue(settings) if resume is not None else runner.prepare(settings)
         job = runner.begin()
     except TrainToolsError as error:
         global _refusal
         _refusal = (time.time(), f"<div class='error'>{html.escape(str(error))}</div>")
         return "", _refusal[1]
     job.id = id_task
-    (runner.run_find_lr if find_lr else runner.run_prepare if prepare_only else runner.run)(job, config)
+    if resume is not None:
+        runner.run(job, config, resume=True, accept_changes=resume[1])
+    else:
+        (runner.run_find_lr if find_lr else runner.run_prepare if prepare_only else runner.run)(job, config)
     return _files_html(job), _status_html(job)
 
 
@@ -353,6 +380,19 @@ def _suggest_prompts(train_dir: str, trigger_words: str, count) -> tuple:
         return gr.update(value=jobs().suggested_sample_prompts(train_dir or "", trigger_words or "", int(count or 2))), ""
     except TrainToolsError as error:
         return gr.update(), f"<div class='error'>{html.escape(str(error))}</div>"
+
+
+def _continue(keys: list[str], id_task: str, use_page: bool, accept_changes: bool, *inputs):
+    """Continue: the saved run's settings, or this page's (their differences are named and need the second box)."""
+    return _train(keys, id_task, *inputs, resume=(use_page, accept_changes))
+
+
+def _save_now() -> str:
+    try:
+        jobs().save_now()
+    except TrainToolsError as error:
+        return f"<div class='error'>{html.escape(str(error))}</div>"
+    return f"<div>{html.escape(tr('Save now: the network is written after the current step (name-stepNNNNNN); training goes on.'))}</div>"
 
 
 def _find_lr(keys: list[str], id_task: str, *inputs) -> list:
@@ -454,6 +494,14 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
             with gr.Row():
                 train = gr.Button(tr("Train"), variant="primary", elem_id="train_tools_train")
                 stop = gr.Button(tr("Stop"), elem_id="train_tools_stop")
+                save_now = gr.Button(tr("Save now (extra file, training goes on)"), elem_id="train_tools_save_now")
+            with gr.Row():
+                resume = gr.Button(tr("Continue from the last saved epoch"), elem_id="train_tools_continue")
+                use_page = gr.Checkbox(False, label=tr("with this page's settings (else the saved run's)"),
+                                       elem_id="train_tools_continue_use_page")
+                accept_changes = gr.Checkbox(False, label=tr("even if settings or pictures changed (named first; no "
+                                                             "longer identical to an uninterrupted run)"),
+                                             elem_id="train_tools_continue_accept")
             with gr.Row():
                 prepare = gr.Button(tr("Prepare for training (encode pictures and captions ahead)"),
                                     elem_id="train_tools_prepare")
@@ -463,8 +511,8 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
         with gr.Column(scale=2):
             gr.HTML(elem_id="train_tools_progress")  # step text, written by javascript/train_tools.js
             output = gr.HTML(elem_id="train_tools_output")
-            loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title=tr("Loss"), width=420, height=260,
-                                    elem_id="train_tools_loss")
+            loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", color="series", title=tr("Loss"), width=420,
+                                    height=260, elem_id="train_tools_loss")
             samples = gr.Gallery(label=tr("Samples: a row per epoch (newest first), a column per prompt"), columns=2,
                                  height=420, elem_id="train_tools_samples")
             files = gr.HTML(elem_id="train_tools_files")
@@ -493,6 +541,14 @@ def build(name: gr.Dropdown, trigger: gr.Textbox) -> dict[str, gr.components.Com
         inputs=[task_id, name, trigger, train_dir, uploads, shown_defaults, *components.values()],
         outputs=[components["unet_lr"], components["text_encoder_lr"], components["optimizer"], files, output],
     )
+    resume.click(
+        fn=call_queue.wrap_gradio_gpu_call(partial(_continue, list(components)), extra_outputs=[""]),
+        _js="train_tools_start",
+        inputs=[task_id, use_page, accept_changes, name, trigger, train_dir, uploads, shown_defaults,
+                *components.values()],
+        outputs=[files, output],
+    )
+    save_now.click(fn=_save_now, inputs=[], outputs=[output])
     train_event.then(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
     clear_cache.click(fn=_clear_cache, inputs=[train_dir], outputs=[cache_info])
     train_dir.change(fn=_cache_html, inputs=[train_dir], outputs=[cache_info])
