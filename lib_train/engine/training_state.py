@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..common.errors import ConfigError, OutputError
+from ..common.i18n import N_, tr
 from ..dataset.training_data import ImageRecord
 from ..hosts.protocol import ModelFamily
 from .config import TrainConfig
@@ -103,10 +104,10 @@ def save_state(path: Path, run, *, family: ModelFamily, config: TrainConfig, dat
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        kept = " The previous state (an earlier epoch) is kept unchanged." if path.exists() else ""
-        raise OutputError(f"Could not write the training state of epoch {epoch} to {path.parent}: "
-                          f"{error.strerror or error}. Free some space there and Continue.{kept} The LoRA files "
-                          "saved so far are kept.") from None
+        kept = tr(" The previous state (an earlier epoch) is kept unchanged.") if path.exists() else ""
+        raise OutputError(tr("Could not write the training state of epoch {epoch} to {folder}: {error}. Free some "
+                             "space there and Continue.{kept} The LoRA files saved so far are kept.", epoch=epoch,
+                             folder=path.parent, error=error.strerror or error, kept=kept)) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -114,17 +115,20 @@ def save_state(path: Path, run, *, family: ModelFamily, config: TrainConfig, dat
 def load_state(path: Path) -> SavedRun:
     """The state at ``path``; a missing, damaged or foreign file is a message saying so."""
     if not path.is_file():
-        raise ConfigError(f"There is no training state to continue from ({path} does not exist): a run writes one "
-                          "with each saved epoch. Train from the start, or start from one of its LoRA files.")
+        raise ConfigError(tr("There is no training state to continue from ({path} does not exist): a run writes "
+                             "one with each saved epoch. Train from the start, or start from one of its LoRA files.",
+                             path=path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle error, bytes that are no torch file at all
-        raise ConfigError(f"The training state {path} is damaged and cannot be continued ({type(error).__name__}). "
-                          "Train from the start, or start from one of its LoRA files.") from None
+        raise ConfigError(tr("The training state {path} is damaged and cannot be continued ({kind}). Train from "
+                             "the start, or start from one of its LoRA files.", path=path,
+                             kind=type(error).__name__)) from None
     needed = {"format", "family", "epoch", "step", "settings", "dataset", "network", "optimizers", "schedules",
               "random"}
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT or not needed <= set(payload):
-        raise ConfigError(f"{path} is not a training state of this version of Train Tools; it cannot be continued.")
+        raise ConfigError(tr("{path} is not a training state of this version of Train Tools; it cannot be "
+                             "continued.", path=path))
     return SavedRun(
         path=path, epoch=int(payload["epoch"]), step=int(payload["step"]), family=str(payload["family"]),
         settings=dict(payload["settings"]), dataset=dict(payload["dataset"]),
@@ -140,29 +144,31 @@ def check_continuation(saved: SavedRun, config: TrainConfig, family: ModelFamily
     """What differs from the saved run, named. A state of another model family or network layout, or one whose
     run has ended, is refused; other settings and the pictures may change only with ``accept_changes``."""
     if saved.family != family.value:
-        raise ConfigError(f"The training state {saved.path.name} was made on a {saved.family.upper()} model and the "
-                          f"loaded model is {family.value.upper()}: load the checkpoint it was trained on.")
+        raise ConfigError(tr("The training state {name} was made on a {family} model and the loaded model is "
+                             "{loaded}: load the checkpoint it was trained on.", name=saved.path.name,
+                             family=saved.family.upper(), loaded=family.value.upper()))
     current = config.to_dict()
     shape = [f"{key} {saved.settings.get(key)!r} → {current[key]!r}" for key in SHAPE_SETTINGS
              if saved.settings.get(key) != current[key]]
     if (saved.settings.get("text_encoder_lr", 0) > 0) != config.train_text_encoder:
-        shape.append("the text encoder " + ("trained → not trained" if not config.train_text_encoder
-                                            else "not trained → trained"))
+        shape.append(tr("the text encoder trained → not trained") if not config.train_text_encoder
+                     else tr("the text encoder not trained → trained"))
     if shape:
-        raise ConfigError("The training state holds a network of another shape than these settings ask for ("
-                          + "; ".join(shape) + "): put them back to continue, or start a new run.")
+        raise ConfigError(tr("The training state holds a network of another shape than these settings ask for "
+                             "({differences}): put them back to continue, or start a new run.",
+                             differences="; ".join(shape)))
     if saved.epoch >= config.epochs:
-        raise ConfigError(f"The saved run has reached epoch {saved.epoch} and Epochs is {config.epochs}: nothing is "
-                          f"left to train. To train longer, raise Epochs above {saved.epoch} and Continue (the "
-                          "schedule then spans the new length).")
+        raise ConfigError(tr("The saved run has reached epoch {epoch} and Epochs is {epochs}: nothing is left to "
+                             "train. To train longer, raise Epochs above {epoch} and Continue (the schedule then "
+                             "spans the new length).", epoch=saved.epoch, epochs=config.epochs))
     changes = [f"{key}: {saved.settings.get(key)!r} → {value!r}" for key, value in current.items()
                if key not in NEUTRAL_SETTINGS and saved.settings.get(key) != value]
     changes += _data_changes(saved.dataset, dataset)
     if changes and not accept_changes:
-        raise ResumeChanged("The run saved at epoch " f"{saved.epoch} differs from what would continue it:\n"
-                            + "\n".join(f"- {change}" for change in changes)
-                            + "\nPut them back to continue the same run (bit-identical to an uninterrupted one), or "
-                            "continue with these changes (accept_changes).", changes)
+        raise ResumeChanged(tr("The run saved at epoch {epoch} differs from what would continue it:\n{changes}\nPut "
+                               "them back to continue the same run (bit-identical to an uninterrupted one), or "
+                               "continue with these changes (accept_changes).", epoch=saved.epoch,
+                               changes="\n".join(f"- {change}" for change in changes)), changes)
     return changes
 
 
@@ -172,15 +178,16 @@ def restore(run, saved: SavedRun) -> None:
     try:
         run.network.load_kohya_state_dict(payload["network"])
     except ValueError as error:
-        raise ConfigError(f"The training state's network does not fit the loaded model: {error}.") from None
+        raise ConfigError(tr("The training state's network does not fit the loaded model: {error}.",
+                             error=error)) from None
     if len(payload["optimizers"]) != len(run.optimizers):
-        raise ConfigError("The training state's optimizers do not fit these settings; start a new run.")
+        raise ConfigError(tr("The training state's optimizers do not fit these settings; start a new run."))
     try:
         for optimizer, state in zip(run.optimizers, payload["optimizers"]):
             optimizer.load_state_dict(state)
     except (ValueError, KeyError) as error:
-        raise ConfigError(f"The training state's optimizer does not fit these settings ({error}); put the LoRA+ "
-                          "ratios and text-encoder setting back, or start a new run.") from None
+        raise ConfigError(tr("The training state's optimizer does not fit these settings ({error}); put the LoRA+ "
+                             "ratios and text-encoder setting back, or start a new run.", error=error)) from None
     for schedule, state in zip(run.schedules, payload["schedules"]):
         # The schedule's shape (warmup, length) comes from the current settings; only its position is restored.
         schedule.load_state_dict(state)
@@ -208,8 +215,9 @@ def _data_changes(saved: dict[str, str], current: dict[str, str]) -> list[str]:
     removed = sorted(set(saved) - set(current))
     changed = sorted(path for path in set(saved) & set(current) if saved[path] != current[path])
     lines = []
-    for label, paths in (("added", added), ("removed", removed), ("changed (picture, caption or repeats)", changed)):
+    for line, paths in ((N_("pictures added: {paths}"), added), (N_("pictures removed: {paths}"), removed),
+                        (N_("pictures changed (picture, caption or repeats): {paths}"), changed)):
         if paths:
-            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-            lines.append(f"pictures {label}: {shown}")
+            shown = ", ".join(paths[:5]) + (tr(" and {count} more", count=len(paths) - 5) if len(paths) > 5 else "")
+            lines.append(tr(line, paths=shown))
     return lines

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..common.i18n import N_, tr
 from .grid_spec import EpochFile, read_lora_metadata
 
 MARK = "★"  # in the page's text; the grid's labels are drawn in the WebUI's Roboto, which has no ★
-GRID_MARK = "(lowest validation loss)"
+GRID_MARK = N_("(lowest validation loss)")  # shown through tr(), in the language the grid's labels use
 
 
 @dataclass(frozen=True)
@@ -20,11 +21,11 @@ class Recommendation:
     still_falling: bool  # the lowest loss is the last epoch's: the curve had not turned yet
 
     def explain(self) -> str:
-        text = (f"{MARK} {self.file.label}: the lowest validation loss ({self.loss:.5f}) of the "
-                f"{len(self.losses)} saved epochs.")
+        text = tr("{mark} {label}: the lowest validation loss ({loss:.5f}) of the {count} saved epochs.", mark=MARK,
+                  label=self.file.label, loss=self.loss, count=len(self.losses))
         if self.still_falling:
-            text += (" The loss was still falling at the last epoch: training longer may help (raise Epochs and "
-                     "Continue).")
+            text += tr(" The loss was still falling at the last epoch: training longer may help (raise Epochs and "
+                       "Continue).")
         return text
 
     def to_dict(self) -> dict:
@@ -56,5 +57,5 @@ def marked_labels(rows: list[EpochFile], labels: list[str], recommendation: Reco
     """The grid's epoch labels with the recommended row marked."""
     if recommendation is None:
         return labels
-    return [f"{label} {GRID_MARK}" if row.path == recommendation.file.path else label
+    return [f"{label} {tr(GRID_MARK)}" if row.path == recommendation.file.path else label
             for row, label in zip(rows, labels)]

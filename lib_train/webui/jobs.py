@@ -490,7 +490,7 @@ class TrainingJobs:
         """Ask the running training for an extra file of its network after the current step; it goes on."""
         job = self.current
         if job is None or job.kind not in ("train", "continue") or job.state not in ("queued", "running"):
-            raise ConfigError("No training is running: Save now writes the network of a running training.")
+            raise ConfigError(tr("No training is running: Save now writes the network of a running training."))
         self._save_now.request()
         return job
 

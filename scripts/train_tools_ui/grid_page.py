@@ -54,12 +54,14 @@ def _render(id_task: str, name: str, *values):
 def _recommended_cell(job) -> tuple:
     """The ★ epoch's cell at the weight nearest 1, pre-selected, with what Use would do; nothing without one."""
     if not job.recommended:
-        return None, "", _message("No ★ epoch: the files carry no validation loss to compare (or fewer than two).")
+        return None, "", _message(tr("No ★ epoch: the files carry no validation loss to compare (or fewer than "
+                                     "two)."))
     cell = cell_of(Path(job.grid_folder), Path(job.recommended["file"]), 1.0)
     if cell is None:
         return None, "", _message(job.recommended["message"])
-    return str(cell.picture), _choice_json(cell), _message(f"{job.recommended['message']} Pre-selected: "
-                                                           f"{_use_explanation(cell)}")
+    return str(cell.picture), _choice_json(cell), _message(tr("{recommendation} Pre-selected: {use}",
+                                                              recommendation=job.recommended["message"],
+                                                              use=_use_explanation(cell)))
 
 
 # On an exception the wrapper returns these followed by the error as the last output (the status).

@@ -286,17 +286,18 @@ def _loss_frame(job):
 
     history = job.loss_history if job else []
     validation = job.validation_history if job else []
-    rows = [(step, loss, "training") for step, loss in history]
-    rows += [(step, loss, "training, smoothed") for (step, _), loss in zip(history, smoothed([v for _, v in history]))]
-    rows += [(step, loss, "validation") for _, step, loss in validation]
+    training, smoothed_training, validated = tr("training"), tr("training, smoothed"), tr("validation")
+    rows = [(step, loss, training) for step, loss in history]
+    rows += [(step, loss, smoothed_training) for (step, _), loss in zip(history, smoothed([v for _, v in history]))]
+    rows += [(step, loss, validated) for _, step, loss in validation]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def _loss_title(job) -> str:
     if job is None or not job.validation_history:
-        return "Loss"
+        return tr("Loss")
     epoch, _, lowest = min(job.validation_history, key=lambda entry: entry[2])
-    return f"Loss (validation lowest at epoch {epoch}: {lowest:.4f})"
+    return tr("Loss (validation lowest at epoch {epoch}: {lowest:.4f})", epoch=epoch, lowest=lowest)
 
 
 _PARTS = {"unet": "UNet", "text_encoder": tr("text encoder")}
