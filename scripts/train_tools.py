@@ -160,7 +160,7 @@ def on_app_started(demo, app) -> None:
         The status then has learning_rates (per part) and lr_history; nothing is saved."""
         runner = jobs()
         try:
-            job = runner.find_lr_in_background(runner.prepare(settings))
+            job = runner.find_lr_in_background(runner.prepare(settings, for_finder=True))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()

@@ -32,6 +32,19 @@ def test_find_lr_job_runs_under_the_queue_lock_and_reports_the_rates(live):
     assert job.to_dict()["learning_rates"] == job.learning_rates  # what GET /status returns
 
 
+def test_find_lr_takes_the_form_of_an_adaptive_optimizer_at_an_adamw_rate(live):
+    """The button's typical click: Prodigy chosen with the form's 1e-4 (which training would refuse); the search
+    probes with its own optimizer and rates, so it runs."""
+    webui, jobs, tmp_path = live
+    values = settings(tmp_path / "pictures", optimizer="Prodigy", unet_lr=1e-4, text_encoder_lr=5e-5, batch_size=4,
+                      lr_finder_steps=60)
+    with pytest.raises(ConfigError, match="Prodigy estimates its own step size"):
+        jobs.prepare(values)
+    job = jobs.run_find_lr(jobs.begin(), jobs.prepare(values, for_finder=True))
+    assert job.state == "done", job.error
+    assert "unet" in job.learning_rates and len(job.lr_history) == 60 and job.model_restored is True
+
+
 def test_stop_ends_a_find_lr_job_and_the_slot_is_taken_meanwhile(live):
     webui, jobs, tmp_path = live
     config = jobs.prepare(settings(tmp_path / "pictures", lr_finder_steps=500))

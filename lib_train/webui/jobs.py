@@ -26,7 +26,7 @@ from ..dataset.project_folders import ProjectFolders, cache_folder_for
 from ..dataset.training_data import pictures_in
 from ..engine.config import TrainConfig
 from ..engine.family_defaults import family_overrides
-from ..engine.lr_finder import LearningRateFinding, find_learning_rate
+from ..engine.lr_finder import LearningRateFinding, find_learning_rate, probe_config, probe_optimizer
 from ..engine.model_guard import fingerprint
 from ..engine.presets import PresetStore
 from ..engine.sample_prompts import folder_tag_counts, made_prompts
@@ -151,10 +151,12 @@ class TrainingJobs:
         """Every Train page setting as the preset ``name`` sets it."""
         return self.presets.get(name).values(*self.device_facts())
 
-    def prepare(self, values: dict) -> TrainConfig:
+    def prepare(self, values: dict, *, for_finder: bool = False) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's
         subfolder of the Lora folder, and server paths are confined when the WebUI is exposed. Settings the
-        API leaves out take the loaded model's family defaults (the tab sends all of them)."""
+        API leaves out take the loaded model's family defaults (the tab sends all of them). ``for_finder``: the
+        settings of a learning-rate search, which probes with its own optimizer and rates, so the form's
+        (e.g. Prodigy at an AdamW rate) are no reason to refuse it."""
         values = dict(values)
         preset = str(values.pop("preset", "") or "")
         values = {**(self._preset_for_loaded(preset) if preset else self.family_defaults(self.webui.shared.sd_model)),
@@ -182,7 +184,8 @@ class TrainingJobs:
         values["reg_dir"] = reg_dir
         # Captions go through the WebUI's text path, which applies its own clip skip: record that one.
         values["clip_skip"] = text_path_clip_skip(self.webui)
-        config = TrainConfig.from_dict(values).validate()
+        config = TrainConfig.from_dict(values)
+        config = (probe_config(config, probe_optimizer()) if for_finder else config).validate()
         self._refuse_alias_clashes(config)
         return config
 

@@ -347,7 +347,8 @@ def _train(keys: list[str], id_task: str, name: str, trigger_words: str, train_d
         else:
             if uploads:
                 settings["train_dir"] = _import_uploads(uploads, name.strip() or "unnamed")
-            config = runner.prepare_continue(settings) if resume is not None else runner.prepare(settings)
+            config = (runner.prepare_continue(settings) if resume is not None else
+                      runner.prepare(settings, for_finder=find_lr))
         job = runner.begin()
     except TrainToolsError as error:
         global _refusal
