@@ -21,8 +21,10 @@ from ..hosts.protocol import ModelFamily
 from .config import TrainConfig
 from .family_defaults import family_overrides
 
-# What a preset may set: the training settings, not the project (name, folders, trigger words) nor file handling.
-NOT_IN_PRESETS = frozenset({"name", "train_dir", "output_dir", "trigger_words", "overwrite", "comment", "extra"})
+# What a preset may set: the training settings, not the project (name, folders, files, trigger words) nor file
+# handling.
+NOT_IN_PRESETS = frozenset({"name", "train_dir", "output_dir", "state_dir", "reg_dir", "initial_lora", "trigger_words",
+                            "overwrite", "comment", "extra"})
 PRESET_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_IN_PRESETS)
 FAMILIES = {family.value: family for family in ModelFamily}
 

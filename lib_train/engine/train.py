@@ -59,7 +59,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     amp_dtype = check_run(host, config)
 
     scan = usable_pictures(config)
-    dataset = dataset_digest(scan.records, config.train_dir) if config.state_dir or resume else {}
+    dataset = dataset_digest(scan.records, config.train_dir, config.reg_dir) if config.state_dir or resume else {}
     saved = _saved_run(host, config, dataset, accept_changes) if resume else None
     first_epoch = saved.epoch + 1 if saved else 1
     if saved and saved.epoch == saved.settings.get("epochs"):  # trained longer: the old final is an epoch now

@@ -66,15 +66,17 @@ def state_path(state_dir: str | Path, name: str) -> Path:
     return Path(state_dir) / f"{name}.training-state.pt"
 
 
-def dataset_digest(records: list[ImageRecord], root: str | Path) -> dict[str, str]:
-    """Each picture (by its path in the training folder) with a digest of its bytes, its caption and repeats:
-    enough to name what was added, removed or changed."""
-    root = Path(root).resolve()
+def dataset_digest(records: list[ImageRecord], root: str | Path, reg_root: str | Path = "") -> dict[str, str]:
+    """Each picture (by its path in the training folder, a class picture by ``regularization/`` and its path in
+    the regularization folder) with a digest of its bytes, its caption and repeats: enough to name what was
+    added, removed or changed."""
+    roots = {False: Path(root).resolve(), True: Path(reg_root).resolve() if str(reg_root).strip() else None}
     digest = {}
     for record in records:
         picture = hashlib.sha256(record.path.read_bytes()).hexdigest()[:16]
         caption = hashlib.sha256(record.caption.encode("utf-8")).hexdigest()[:16]
-        digest[record.path.resolve().relative_to(root).as_posix()] = f"{picture} {caption} x{record.repeats}"
+        name = record.path.resolve().relative_to(roots[record.is_reg]).as_posix()
+        digest[f"regularization/{name}" if record.is_reg else name] = f"{picture} {caption} x{record.repeats}"
     return digest
 
 
