@@ -79,8 +79,9 @@ def main() -> int:
                         *map(str, stale))
         sdxl_files = []
         if args.sdxl:
-            run_project(args.project_python, "sdxl", "--out", str(work), *NETWORK_TYPES)
             sdxl_files = [work / f"sdxl-{name}.safetensors" for name in NETWORK_TYPES]
+            if not all(path.is_file() for path in [*sdxl_files, work / "sdxl-shapes.json"]):  # kept --work-dir
+                run_project(args.project_python, "sdxl", "--out", str(work), *NETWORK_TYPES)
         import_comfyui(args.comfyui)
         rows = []
         if files:
@@ -202,7 +203,8 @@ def module_names(lora: dict) -> list[str]:
 
 def new_row(path: Path, family: str, lora: dict, strengths: list[float]) -> dict:
     return dict(file=path.name, family=family, modules=len(module_names(lora)), patched=0, problems=[],
-                unmapped=[], shape_errors=[], compared={s: set() for s in strengths}, max_delta=0.0, max_diff={s: 0.0 for s in strengths})
+                unmapped=[], shape_errors=[], max_delta=0.0, max_diff={s: 0.0 for s in strengths},
+                compared={s: set() for s in strengths})  # modules whose ΔW was compared, per strength
 
 
 def check_sd1(checkpoint: Path, files: list[Path], work: Path, strengths: list[float]) -> list[dict]:
@@ -220,10 +222,11 @@ def check_sd1(checkpoint: Path, files: list[Path], work: Path, strengths: list[f
         row["patched"] = len(patched_model.patches) + len(patched_clip.patcher.patches)
         row["unmapped"] = [name for name in module_names(lora) if name not in key_map]
         del patched_model, patched_clip
-        for chunk in _chunks(read_records(open(work / f"{path.stem}.deltas", "rb"))):
-            part = {key: tensor for key, tensor in lora.items() if key.partition(".")[0] in dict(chunk)}
-            for strength in strengths:
-                _compare_patched(model, clip, part, chunk, key_map, strength, row)
+        with open(work / f"{path.stem}.deltas", "rb") as deltas:
+            for chunk in _chunks(read_records(deltas)):
+                part = {key: tensor for key, tensor in lora.items() if key.partition(".")[0] in dict(chunk)}
+                for strength in strengths:
+                    _compare_patched(model, clip, part, chunk, key_map, strength, row)
         rows.append(row)
         print(f"  {path.name}: done", flush=True)
     return rows
@@ -361,14 +364,14 @@ def print_table(rows: list[dict], strengths: list[float], tolerance: float) -> i
     failed = False
     for row in rows:
         diffs = [row["max_diff"][s] for s in strengths]
-        row["compared"] = min(len(names) for names in row["compared"].values())
+        compared = min(len(names) for names in row["compared"].values())
         ok = (not row["problems"] and not row["unmapped"] and not row["shape_errors"]
               and row["patched"] == row["modules"] and row["max_delta"] > 0
-              and row["compared"] == -(-row["modules"] // row.get("sampled", 1))
+              and compared == -(-row["modules"] // row.get("sampled", 1))
               and max(diffs) <= tolerance)
         failed |= not ok
         lines.append([row["file"], row["family"], str(row["modules"]), str(row["patched"]),
-                      str(len(row["problems"]) + len(row["unmapped"])), str(row["compared"]),
+                      str(len(row["problems"]) + len(row["unmapped"])), str(compared),
                       f"{row['max_delta']:.3e}", *[f"{d:.2e}" for d in diffs]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for index, line in enumerate(lines):
