@@ -1,8 +1,8 @@
 """Do Train Tools' files load in ComfyUI, every key matched and the right weight change? (Run by hand against a
 ComfyUI checkout, not by CI: ComfyUI is not on the package index and CI has no network.)
 
-    <comfy venv>/bin/python tests/comfyui/check_comfyui.py --comfyui ~/ComfyUI --checkpoint sd15.safetensors \
-        [--lora FILE ... | --train] [--sdxl [--sdxl-checkpoint sdxl.safetensors]] [--strengths 1 0.5]
+    <comfy venv>/bin/python tests/comfyui/check_comfyui.py --comfyui ~/ComfyUI [--checkpoint sd15.safetensors \
+        --lora FILE ... | --train] [--sdxl [--sdxl-every 3] [--sdxl-checkpoint sdxl.safetensors]] [--strengths 1 0.5]
 
 Two Python environments: ComfyUI's (this script, which imports ComfyUI from --comfyui) and the project's
 (--project-python, default .venv/bin/python: it trains with ``python -m lib_train`` and computes Train Tools' own
@@ -53,7 +53,7 @@ PROBLEMS = ("lora key not loaded", "NOT LOADED", "SHAPE MISMATCH", "Calculate We
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="an SD1.5 .safetensors checkpoint")
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.5 .safetensors checkpoint (for --lora, --train)")
     parser.add_argument("--lora", type=Path, nargs="*", default=[], help="Train Tools files trained on --checkpoint")
     parser.add_argument("--train", action="store_true", help="train one tiny file per network type first "
                         "(2 generated pictures, 2 steps, rank 4) with the project's command line")
@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest |ΔW difference| accepted")
     args = parser.parse_args()
+    if (args.lora or args.train) and args.checkpoint is None:
+        parser.error("--lora and --train need the SD1.5 --checkpoint")
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
