@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_api import check, make_pictures, request, wait_for_job  # noqa: E402
+from webui_api import check, make_pictures, request, txt2img, wait_for_job  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,9 @@ def main() -> None:
     name = f"ttswitch{int(time.time()) % 100000}"
 
     original = request(api + "/sdapi/v1/options")["sd_model_checkpoint"]
+    txt2img(api, "a plain picture", steps=1)  # the built-in Lora un-merges a Lora an earlier generation left merged
     before = request(api + "/harness/model-info")
+    check(before["modules_with_networks_applied"] == 0, "the checkpoint's own weights to start from")
     switch = {}
 
     def switch_checkpoint() -> None:
