@@ -239,3 +239,19 @@ def test_train_longer_keeps_the_old_final_as_its_epoch_file(tmp_path, data):
     assert tensor_bytes(out / "tiny-000002.safetensors") == old_final
     with safe_open(str(out / "tiny-000002.safetensors"), "pt") as moved:
         assert moved.metadata()["ss_output_name"] == "tiny-000002" and moved.metadata()["ss_epoch"] == "2"
+
+
+def test_a_state_reads_back_under_the_webuis_torch_load(tmp_path, data, monkeypatch):
+    """The WebUI replaces torch.load with a pickle check that refuses torch 2's archives (their .format_version
+    entry) and returns None; the state is read with torch's own weights-only loader, which needs no such check."""
+    host = fresh_host()
+    stop_after_epoch(host, 1)
+    train_lora(host, settings(tmp_path, "parts", epochs=2))
+
+    def webui_safe_load(*args, **kwargs):
+        return None  # what modules/safe.py gives after "Error verifying pickled file"
+
+    monkeypatch.setattr(torch, "load", webui_safe_load)
+    assert load_state(state_path(tmp_path / "parts-state", "tiny")).epoch == 1
+    continued = train_lora(fresh_host(), settings(tmp_path, "parts", epochs=2), resume=True)
+    assert continued.continued_from_epoch == 1 and not continued.stopped

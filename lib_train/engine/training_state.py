@@ -6,7 +6,9 @@ and epoch, the settings and a digest of every picture and caption. The data orde
 each epoch's order, flips and caption shuffles come from (seed, epoch) alone (``TrainingData.batches``). So a run
 continued from epoch k steps exactly as the uninterrupted run did, and ends with the same tensors.
 
-The file is read with ``torch.load(weights_only=True)``: tensors and plain values only, no code can run from it.
+The file is read with torch's loader at ``weights_only=True``: tensors and plain values only, no code can run from
+it. ``torch.serialization.load`` rather than ``torch.load``: the WebUI replaces ``torch.load`` with its own pickle
+check, which refuses the archives torch 2 writes (their ``.format_version`` entry) and returns None.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def load_state(path: Path) -> SavedRun:
                              "one with each saved epoch. Train from the start, or start from one of its LoRA files.",
                              path=path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.serialization.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle error, bytes that are no torch file at all
         raise ConfigError(tr("The training state {path} is damaged and cannot be continued ({kind}). Train from "
                              "the start, or start from one of its LoRA files.", path=path,
