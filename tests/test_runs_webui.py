@@ -171,6 +171,8 @@ def test_recommended_epoch_is_the_lowest_validation_loss(tmp_path, losses, best,
     found = recommend_epoch(files)
     assert found.file.epoch == best and found.still_falling is falling
     assert found.loss == min(losses) and ("still falling" in found.explain()) is falling
+    # The API's answer: text keys only, as the WebUI's JSON encoder (orjson) demands.
+    assert found.to_dict()["losses"] == {str(epoch): loss for epoch, loss in enumerate(losses, start=1)}
     labels = marked_labels(files, [f.label for f in files], found)
     assert [label.endswith(GRID_MARK) for label in labels] == [f.epoch == best for f in files]
 

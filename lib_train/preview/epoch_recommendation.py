@@ -30,7 +30,9 @@ class Recommendation:
 
     def to_dict(self) -> dict:
         return {"epoch": self.file.epoch, "file": str(self.file.path), "validation_loss": self.loss,
-                "still_falling": self.still_falling, "losses": self.losses, "message": self.explain()}
+                "still_falling": self.still_falling, "message": self.explain(),
+                # JSON keys are text: the WebUI's API encoder (orjson) refuses others.
+                "losses": {str(epoch): loss for epoch, loss in self.losses.items()}}
 
 
 def recommend_epoch(files: list[EpochFile]) -> Recommendation | None:
