@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import open_train_tools, set_name, show_page  # noqa: E402
-from webui_api import check, request  # noqa: E402
+from webui_api import check, request, wait_for_job  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,9 @@ def main() -> None:
         page.locator("#train_tools_trigger textarea").fill("ttlr")
         page.locator("#train_tools_train_dir textarea").fill(args.pictures)
         tab = page.locator("#tab_train_tools")
-        tab.locator("#train_tools_resolution input[type=number]").fill("256")
+        # The API check's settings: a random-weight SD1.5 goes to NaN under the probe at larger ranks.
+        for key, value in (("resolution", "256"), ("rank", "4"), ("alpha", "4"), ("text_encoder_lr", "0.00005")):
+            tab.locator(f"#train_tools_{key} input[type=number]").fill(value)
         tab.locator("#train_tools_advanced .label-wrap").first.click()  # the Advanced accordion starts closed
         tab.locator("#train_tools_enable_buckets input[type=checkbox]").uncheck()
         tab.locator("#train_tools_lr_finder_steps input[type=number]").fill(str(args.steps))
@@ -50,17 +52,25 @@ def main() -> None:
         page.wait_for_timeout(500)
         page.screenshot(path=str(args.out / "find-lr-filled.png"), full_page=True)
 
+        api = args.url.rstrip("/")
+        previous = request(api + "/train-tools/v1/status").get("id")
         page.locator("#train_tools_find_lr").click()
         page.wait_for_selector("#tab_train_tools .progressDiv", timeout=60000)
         check(True, "the WebUI progress bar appears while the finder runs")
-        page.wait_for_function("/(done|failed|stopped):/.test(document.querySelector('#train_tools_output').innerText)",
-                               timeout=1200000)
+        status = wait_for_job(api)  # the page shows the previous job's status until the new one ends
+        while status.get("id") == previous:
+            time.sleep(2)
+            status = wait_for_job(api)
+        check(status["kind"] == "find-lr", f"the button started a learning-rate search ({status['id']})")
+        page.wait_for_function("/(done|failed|stopped):/.test(document.querySelector('#train_tools_output').innerText)"
+                               " && !/running/.test(document.querySelector('#train_tools_output').innerText)",
+                               timeout=120000)
         output = page.locator("#train_tools_output").first.inner_text()
         check("done:" in output, f"the finder is done: {output.strip()[:200]!r}")
         page.wait_for_timeout(3000)
         page.screenshot(path=str(args.out / "find-lr-done.png"), full_page=True)
 
-        rates = request(args.url.rstrip("/") + "/train-tools/v1/status")["learning_rates"]
+        rates = status["learning_rates"]
         shown = {part: float(tab.locator(f"#train_tools_{part}_lr input[type=number]").input_value())
                  for part in ("unet", "text_encoder")}
         check(set(rates) <= set(shown) and "unet" in rates, f"rates found: {rates}")
