@@ -270,7 +270,7 @@ def _files_html(job) -> str:
 
 def _samples_update(job):
     """The run's samples, a row per render (newest first), a column per prompt."""
-    if job is None or job.kind != "train" or not job.samples:
+    if job is None or job.kind not in ("train", "continue") or not job.samples:
         return gr.Gallery.update(value=None)
     columns = max(sample["index"] for sample in job.samples) + 1
     rows = sorted(job.samples, key=lambda sample: (-sample["step"], sample["index"]))

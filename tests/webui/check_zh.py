@@ -112,12 +112,12 @@ def check_chinese(page: Page, url: str, zh: dict[str, str], out: Path) -> None:
     show_page(page, zh["Train"])
     page.locator("#train_tools_name input").fill("")
     page.locator("#train_tools_train").click()  # no name: refused with the catalogue's message
-    try:  # the periodic status refresh may show the previous text first
-        page.wait_for_function("/[\\u4e00-\\u9fff]/.test(document.querySelector('#train_tools_output').innerText)",
-                               timeout=60000)
-    except Exception:
-        pass
-    refused = page.locator("#train_tools_output").first.inner_text().strip()
+    page.wait_for_timeout(3000)  # the click's "processing" first, then the refusal
+    for _ in range(60):
+        refused = page.locator("#train_tools_output").first.inner_text().strip()
+        if CJK.search(refused) and "processing" not in refused:
+            break
+        page.wait_for_timeout(1000)
     check(CJK.search(refused) is not None, f"a run-time error in Chinese: {refused!r}")
     page.screenshot(path=str(out / "zh-train-error.png"), full_page=True)
     entries = page.evaluate("Object.keys(window.localization || {}).length")
