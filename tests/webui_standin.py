@@ -72,7 +72,23 @@ class CondStageModel(nn.Module):
         return z * (original_mean / z.mean())
 
 
-class SDModel(nn.Module):
+class LdmCalls:
+    """The calls the WebUI makes on an ldm ``LatentDiffusion`` (SD1 and SD2 stand-ins alike)."""
+
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, distribution):
+        return distribution.sample() * VAE_SCALE_FACTOR
+
+    def get_learned_conditioning(self, texts):
+        return self.cond_stage_model(texts)
+
+    def apply_model(self, x, t, cond):
+        return self.model.diffusion_model(x, t, context=cond)
+
+
+class SDModel(LdmCalls, nn.Module):
     def __init__(self, opts):
         super().__init__()
         tiny = build_tiny_sd1(seed=0)
@@ -94,17 +110,6 @@ class SDModel(nn.Module):
         self.network_layer_mapping = {n.replace(".", "_"): m for part in (self.model, self.cond_stage_model)
                                       for n, m in part.named_modules() if n}
 
-    def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, distribution):
-        return distribution.sample() * VAE_SCALE_FACTOR
-
-    def get_learned_conditioning(self, texts):
-        return self.cond_stage_model(texts)
-
-    def apply_model(self, x, t, cond):
-        return self.model.diffusion_model(x, t, context=cond)
 
 
 def restore_from_backup(module):

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from lib_train.hosts.clip_tokenizer import chunked_token_ids
-from lib_train.hosts.sd1 import VAE_SCALE_FACTOR, sd1_alphas_cumprod
+from lib_train.hosts.sd1 import sd1_alphas_cumprod
 from lib_train.hosts.sd2 import build_tiny_sd2
 
 from . import a1111_lora
 from .test_lora_names import a1111_compvis_name
-from .webui_standin import make_webui
+from .webui_standin import LdmCalls, make_webui
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
@@ -53,7 +53,7 @@ class OpenCLIPCondStageModel(nn.Module):
         return z * (original_mean / z.mean())
 
 
-class SD2Model(nn.Module):
+class SD2Model(LdmCalls, nn.Module):
     def __init__(self, parameterization: str = "v", linear_projections: bool = True):
         super().__init__()
         tiny = build_tiny_sd2(seed=0, linear_projections=linear_projections)
@@ -73,18 +73,6 @@ class SD2Model(nn.Module):
         # The built-in Lora's names: cond_stage_model.wrapped's modules, then sd_model.model's.
         self.network_layer_mapping = {n.replace(".", "_"): m for part in (self.cond_stage_model.wrapped, self.model)
                                       for n, m in part.named_modules() if n}
-
-    def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, distribution):
-        return distribution.sample() * VAE_SCALE_FACTOR
-
-    def get_learned_conditioning(self, texts):
-        return self.cond_stage_model(texts)
-
-    def apply_model(self, x, t, cond):
-        return self.model.diffusion_model(x, t, context=cond)
 
     def builtin_lora_layer(self, key: str) -> tuple[nn.Module, str | None]:
         """The layer the built-in Lora gives a file's key on this model, and for a fused attention which part."""
