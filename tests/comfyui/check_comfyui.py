@@ -1,14 +1,16 @@
 """Do Train Tools' files load in ComfyUI, every key matched and the right weight change? (Run by hand against a
 ComfyUI checkout, not by CI: ComfyUI is not on the package index and CI has no network.)
 
-    <comfy venv>/bin/python tests/comfyui/check_comfyui.py --comfyui ~/ComfyUI [--checkpoint sd15.safetensors \
+    <comfy venv>/bin/python tests/comfyui/check_comfyui.py --comfyui ~/ComfyUI [--checkpoint sd.safetensors \
         --lora FILE ... | --train] [--sdxl [--sdxl-every 3] [--sdxl-checkpoint sdxl.safetensors]] [--strengths 1 0.5]
 
 Two Python environments: ComfyUI's (this script, which imports ComfyUI from --comfyui) and the project's
 (--project-python, default .venv/bin/python: it trains with ``python -m lib_train`` and computes Train Tools' own
 ΔW through reference_deltas.py; the two never hold a model at the same time).
 
-SD1.5: ComfyUI loads the checkpoint (comfy.sd.load_checkpoint_guess_config, no VAE), each file goes through
+SD1.x and SD2.x (--checkpoint; tests/comfyui/random_sd2.py makes a random full-size SD2 when no real one is at
+hand): ComfyUI loads the checkpoint (comfy.sd.load_checkpoint_guess_config, no VAE; a key it misses fails the
+check), each file goes through
 comfy.sd.load_lora_for_models (its log captured), then for each strength the model and CLIP ModelPatchers run
 patch_model() on a part of the file's modules at a time (whole-file patching would hold a second copy of every
 patched weight) and each patched weight minus the original is compared with strength × Train Tools' ΔW
@@ -46,17 +48,21 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from delta_stream import read_records, stand_in_base_weight  # noqa: E402
 
-CHUNK_BYTES = 256 * 2**20  # ΔW patched and compared at once (SD1): bounds the patched copies held
+CHUNK_BYTES = 256 * 2**20  # ΔW patched and compared at once (a loaded checkpoint): bounds the patched copies held
 PROBLEMS = ("lora key not loaded", "NOT LOADED", "SHAPE MISMATCH", "Calculate Weight Failed", "ERROR")
+LOAD_PROBLEMS = ("unet missing", "unet unexpected", "clip missing", "no CLIP", "ERROR")  # loading the checkpoint
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout")
-    parser.add_argument("--checkpoint", type=Path, help="an SD1.5 .safetensors checkpoint (for --lora, --train)")
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.x or SD2.x .safetensors checkpoint (for --lora, "
+                        "--train)")
     parser.add_argument("--lora", type=Path, nargs="*", default=[], help="Train Tools files trained on --checkpoint")
     parser.add_argument("--train", action="store_true", help="train one tiny file per network type first "
                         "(2 generated pictures, 2 steps, rank 4) with the project's command line")
+    parser.add_argument("--types", nargs="+", choices=list(NETWORK_TYPES), default=list(NETWORK_TYPES),
+                        help="the network types --train and --sdxl make (default: all)")
     parser.add_argument("--sdxl", action="store_true", help="also check full-size SDXL files (no weights loaded)")
     parser.add_argument("--sdxl-checkpoint", type=Path, help="read ComfyUI's SDXL detection shapes from this file's "
                         "header (default: the project's SDXL tree)")
@@ -68,26 +74,27 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest |ΔW difference| accepted")
     args = parser.parse_args()
     if (args.lora or args.train) and args.checkpoint is None:
-        parser.error("--lora and --train need the SD1.5 --checkpoint")
+        parser.error("--lora and --train need the --checkpoint they were trained on")
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        files = list(args.lora) + (train_files(args.project_python, args.checkpoint, work) if args.train else [])
+        files = list(args.lora) + (train_files(args.project_python, args.checkpoint, work, args.types)
+                                   if args.train else [])
         if not files and not args.sdxl:
             parser.error("give --lora files, --train or --sdxl")
         stale = [path for path in files if not _fresh(work / f"{path.stem}.deltas", path)]
         if stale:
-            run_project(args.project_python, "sd1", "--checkpoint", str(args.checkpoint), "--out", str(work),
+            run_project(args.project_python, "checkpoint", "--checkpoint", str(args.checkpoint), "--out", str(work),
                         *map(str, stale))
         sdxl_files = []
         if args.sdxl:
-            sdxl_files = [work / f"sdxl-{name}.safetensors" for name in NETWORK_TYPES]
+            sdxl_files = [work / f"sdxl-{name}.safetensors" for name in args.types]
             if not all(path.is_file() for path in [*sdxl_files, work / "sdxl-shapes.json"]):  # kept --work-dir
-                run_project(args.project_python, "sdxl", "--out", str(work), *NETWORK_TYPES)
+                run_project(args.project_python, "sdxl", "--out", str(work), *args.types)
         import_comfyui(args.comfyui)
         rows = []
         if files:
-            rows += check_sd1(args.checkpoint, files, work, args.strengths)
+            rows += check_checkpoint(args.checkpoint, files, work, args.strengths)
         if sdxl_files:
             shapes = (header_shapes(args.sdxl_checkpoint) if args.sdxl_checkpoint
                       else json.loads((work / "sdxl-shapes.json").read_text()))
@@ -106,7 +113,7 @@ NETWORK_TYPES = {  # as reference_deltas.NETWORK_TYPES, in TOML
 }
 
 
-def train_files(python: Path, checkpoint: Path, work: Path) -> list[Path]:
+def train_files(python: Path, checkpoint: Path, work: Path, types: list[str]) -> list[Path]:
     """One file per network type: two steps of AdamW at 1e-3 (UNet and text encoder), so every module, LoRA's
     zero-initialised up weights included, has moved off zero by training, not by a perturbation."""
     from PIL import Image, ImageDraw
@@ -119,7 +126,8 @@ def train_files(python: Path, checkpoint: Path, work: Path) -> list[Path]:
         image.save(pictures / f"{index}.png")
         (pictures / f"{index}.txt").write_text(f"ttcomfy, red disc, picture {index}", encoding="utf-8")
     files = []
-    for name, network in NETWORK_TYPES.items():
+    for name in types:
+        network = NETWORK_TYPES[name]
         config = work / f"{name}.toml"
         config.write_text(f'name = "tt-{name}"\ntrain_dir = "pictures"\noutput_dir = "out"\noverwrite = true\n'
                           "resolution = 256\nenable_buckets = false\nrank = 4\nalpha = 4.0\nepochs = 1\n"
@@ -150,7 +158,7 @@ def import_comfyui(path: Path) -> None:
         import torchvision  # noqa: F401
     except Exception as error:  # noqa: BLE001
         # PyPI's torchvision wheel links the CUDA torch; beside a CPU torch it cannot load. ComfyUI imports it for
-        # Stable Cascade / Cosmos / ACE only, never on the SD1/SDXL path: an empty stand-in lets comfy.sd import.
+        # Stable Cascade / Cosmos / ACE only, never on the SD1/SD2/SDXL path: an empty stand-in lets comfy.sd import.
         print(f"note: torchvision unusable here ({type(error).__name__}); a stand-in module takes its place",
               file=sys.stderr)
         for name in ("torchvision", "torchvision.transforms", "torchvision.models"):
@@ -209,15 +217,22 @@ def new_row(path: Path, family: str, lora: dict, strengths: list[float]) -> dict
                 compared={s: set() for s in strengths})  # modules whose ΔW was compared, per strength
 
 
-def check_sd1(checkpoint: Path, files: list[Path], work: Path, strengths: list[float]) -> list[dict]:
+def check_checkpoint(checkpoint: Path, files: list[Path], work: Path, strengths: list[float]) -> list[dict]:
     print(f"ComfyUI loads {checkpoint.name} ...", flush=True)
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
+    with captured_log() as log:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
+    missed = [message for message in log if message.startswith(LOAD_PROBLEMS)]
+    if missed:
+        raise SystemExit(f"ComfyUI did not load {checkpoint.name} whole: " + "; ".join(m[:300] for m in missed))
+    # SD15 or SD20, and the prediction type ComfyUI guesses from the weights (a random SD2 reads as EPS)
+    family = f"{type(model.model.model_config).__name__} {model.model.model_type.name}"
+    print(f"ComfyUI detects {family}", flush=True)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     rows = []
     for path in files:
         lora = comfy.utils.load_torch_file(str(path))
-        row = new_row(path, "SD1.5", lora, strengths)
+        row = new_row(path, family, lora, strengths)
         with captured_log() as log:
             patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         row["problems"] = [m for m in log if m.startswith(PROBLEMS)]

@@ -1,8 +1,9 @@
 """Train Tools' half of the ComfyUI check (run with the project's Python; check_comfyui.py starts it): each LoRA
 module's ΔW at multiplier 1 as Train Tools computes it, written as a stream of records (delta_stream.py).
 
-    sd1  --checkpoint sd15.safetensors --out DIR FILE...   ΔW of each file, read back through
-         LoRANetwork.for_kohya_state_dict on the checkpoint loaded by the project's SD1 loader (DIR/<stem>.deltas)
+    checkpoint --checkpoint sd.safetensors --out DIR FILE...   ΔW of each file, read back through
+         LoRANetwork.for_kohya_state_dict on the checkpoint loaded by the project's SD1 or SD2 loader (as the
+         command line picks it from the file's keys) (DIR/<stem>.deltas)
     sdxl --out DIR TYPE...   full-size SDXL files synthesised without weights: the project's SDXL built on the
          meta device, each targeted layer given a stand-in weight in turn, its module made by the training code
          (new_module) with every factor perturbed, saved fp16 as training saves (DIR/sdxl-<type>.safetensors, and
@@ -44,11 +45,20 @@ NETWORK_TYPES = {
 }
 
 
-def sd1_deltas(checkpoint: Path, files: list[Path], out: Path) -> None:
-    from lib_train.hosts.sd1 import load_sd1_checkpoint
-    from lib_train.hosts.standalone import StandaloneHost
+def checkpoint_deltas(checkpoint: Path, files: list[Path], out: Path) -> None:
+    from safetensors import safe_open
 
-    host = StandaloneHost(load_sd1_checkpoint(checkpoint))
+    from lib_train.hosts.sd1 import load_sd1_checkpoint
+    from lib_train.hosts.sd2 import load_sd2_checkpoint
+    from lib_train.hosts.standalone import StandaloneHost
+    from lib_train.hosts.standalone_sd2 import StandaloneSD2Host
+
+    with safe_open(str(checkpoint), "pt") as handle:
+        sd2 = any(key.startswith("cond_stage_model.model.") for key in handle.keys())  # OpenCLIP: SD2
+    if sd2:
+        host = StandaloneSD2Host(load_sd2_checkpoint(checkpoint))
+    else:
+        host = StandaloneHost(load_sd1_checkpoint(checkpoint))
     for path in files:
         network = LoRANetwork.for_kohya_state_dict(host, load_file(str(path)))
         with torch.no_grad(), open(out / f"{path.stem}.deltas", "wb") as stream:
@@ -142,10 +152,10 @@ class stand_in_weight:
 def main() -> None:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
-    sd1 = commands.add_parser("sd1")
-    sd1.add_argument("--checkpoint", type=Path, required=True)
-    sd1.add_argument("--out", type=Path, required=True)
-    sd1.add_argument("files", type=Path, nargs="+")
+    loaded = commands.add_parser("checkpoint")
+    loaded.add_argument("--checkpoint", type=Path, required=True)
+    loaded.add_argument("--out", type=Path, required=True)
+    loaded.add_argument("files", type=Path, nargs="+")
     sdxl = commands.add_parser("sdxl")
     sdxl.add_argument("--out", type=Path, required=True)
     sdxl.add_argument("types", nargs="+", choices=sorted(NETWORK_TYPES))
@@ -157,8 +167,8 @@ def main() -> None:
         sdxl_deltas(args.file, args.every)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.command == "sd1":
-        sd1_deltas(args.checkpoint, args.files, args.out)
+    if args.command == "checkpoint":
+        checkpoint_deltas(args.checkpoint, args.files, args.out)
     else:
         sdxl_files(args.types, args.out)
 
