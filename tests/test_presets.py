@@ -101,6 +101,19 @@ def test_users_presets_are_saved_listed_and_refused_like_a_training(tmp_path):
         store.delete("SDXL style")
 
 
+def test_a_preset_is_checked_with_the_defaults_of_its_family(tmp_path):
+    """What an SDXL preset leaves out is SDXL's (buckets 512-2048, the UNet only), so it is checked with those: a
+    preset valid on them is saved, one a training would refuse on them is refused before it is saved."""
+    store = PresetStore(tmp_path / "presets")
+    for settings in ({"resolution": 1536}, {"optimizer": "Prodigy", "unet_lr": 1.0}):
+        saved = store.save("mine", "sdxl", settings)
+        TrainConfig.from_dict({**saved.values(False, False), "name": "x", "train_dir": "d", "output_dir": "o"}).validate()
+        assert [p.name for p in store.all()][4:] == ["mine"]  # listed again when read back
+    with pytest.raises(ConfigError, match="Bucket sizes must satisfy 64 <= min \\(512\\) <= resolution \\(256\\)"):
+        store.save("small", "sdxl", {"resolution": 256})
+    assert not (tmp_path / "presets" / "small.json").exists()
+
+
 def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path):
     from .webui_standin import make_webui
 
