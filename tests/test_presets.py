@@ -4,12 +4,14 @@ extension's data folder, refused like a training would be, and reach the API's t
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from safetensors import safe_open
 
 from lib_train.common.errors import ConfigError, TrainToolsError
 from lib_train.engine.config import TrainConfig
+from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.model_guard import fingerprint
 from lib_train.engine.presets import BUILTIN, PRESET_KEYS, PresetStore
 from lib_train.engine.train import train_lora
@@ -132,3 +134,25 @@ def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path
     jobs.presets.save("mine", "sd1", {"rank": 6})
     assert jobs.prepare({**body, "preset": "mine"}).rank == 6
     assert "mine" not in jobs.project_names() and ".presets" not in jobs.project_names()
+
+
+def test_on_a_gpu_a_preset_keeps_the_samples_every_epoch_and_the_form_can_turn_them_off(tmp_path):
+    """Samples every epoch is the GPU's default; no preset speaks of samples, so applying one keeps it (the API's body
+    with a preset, the form's values) and the form's defaults after it say so: the Train click moves nothing back."""
+    from .webui_standin import make_webui
+
+    webui = make_webui(tmp_path / "Lora")
+    webui.devices.device = SimpleNamespace(type="cuda")
+    jobs = TrainingJobs(webui, Folders(lora_dir=tmp_path / "Lora", projects_dir=tmp_path / "projects",
+                                       data_dir=tmp_path, exposed=False))
+    make_concept_images(tmp_path / "pictures" / "1_concept", count=1)
+    loaded = jobs.family_defaults(webui.shared.sd_model)
+    assert loaded["sample_every_n_epochs"] == 1
+    values = jobs.preset_values("SD1.5 character")
+    assert values["sample_every_n_epochs"] == 1 and values["rank"] == 32
+    body = {"name": "p", "train_dir": str(tmp_path / "pictures"), "preset": "SD1.5 character"}
+    assert jobs.prepare(body).sample_every_n_epochs == jobs.prepare({**body, "preset": ""}).sample_every_n_epochs == 1
+    # The form after Apply shows the preset's values and its family's defaults; the user then turns samples off.
+    shown = jobs.preset_defaults(ModelFamily.SD1)
+    assert defaults_switch(values, shown, loaded) == {}
+    assert defaults_switch({**values, "sample_every_n_epochs": 0}, shown, loaded) == {}

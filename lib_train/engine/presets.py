@@ -38,8 +38,12 @@ class Preset:
 
     def values(self, on_cuda: bool, has_bitsandbytes: bool) -> dict[str, Any]:
         """Every preset setting: TrainConfig's default < the family's defaults < the preset's values."""
-        base = dataclasses.asdict(TrainConfig())
-        merged = {**base, **family_overrides(self.family, on_cuda, has_bitsandbytes), **self.settings}
+        return self.values_over(family_overrides(self.family, on_cuda, has_bitsandbytes))
+
+    def values_over(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Every preset setting: TrainConfig's default < ``defaults`` (the family's, and the WebUI's device's) < the
+        preset's values."""
+        merged = {**dataclasses.asdict(TrainConfig()), **defaults, **self.settings}
         return {key: merged[key] for key in PRESET_KEYS}
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import gradio as gr
 
 from lib_train.common.errors import TrainToolsError
 from lib_train.common.i18n import tr
-from lib_train.engine.family_defaults import family_overrides
 from lib_train.engine.presets import PRESET_KEYS
 
 from .webui_context import jobs
@@ -63,7 +62,7 @@ def wire(row: dict, settings: dict, shown_defaults: gr.State) -> None:
         except TrainToolsError as error:
             return [gr.update(), *[gr.update()] * len(keys), _status(str(error), error=True)]
         values["optimizer_args"] = _arguments_text(values["optimizer_args"])
-        family = family_overrides(preset.family, *jobs().device_facts())
+        family = jobs().preset_defaults(preset.family)  # the defaults the form now shows
         note = tr("Settings filled from the preset {name}.", name=label)
         if preset.family.value != jobs().loaded_family().value:
             note += tr(" It is meant for {family} models; the loaded model is {loaded}.",
