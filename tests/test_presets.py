@@ -116,6 +116,18 @@ def test_a_preset_is_checked_with_the_defaults_of_its_family(tmp_path):
     assert not (tmp_path / "presets" / "small.json").exists()
 
 
+def test_a_preset_names_what_it_changes_that_a_form_has_no_field_for(tmp_path):
+    """The Train page has no field for some settings (gradient accumulation, save precision...): a preset saved
+    through the API may change them, and applying it on the page says which ones it cannot set there."""
+    store = PresetStore(tmp_path / "presets")
+    preset = store.save("api", "sd1", {"rank": 8, "gradient_accumulation_steps": 4, "save_precision": "bf16",
+                                       "max_grad_norm": 1.0})  # 1.0 is the default: nothing lost
+    on_page = [key for key in PRESET_KEYS if key not in ("gradient_accumulation_steps", "save_precision",
+                                                         "max_grad_norm")]
+    assert preset.changed_outside(on_page) == ["gradient_accumulation_steps", "save_precision"]
+    assert preset.changed_outside(PRESET_KEYS) == [] and BUILTIN[0].changed_outside(on_page) == []
+
+
 def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path):
     from .webui_standin import make_webui
 

@@ -46,6 +46,12 @@ class Preset:
         merged = {**dataclasses.asdict(TrainConfig()), **defaults, **self.settings}
         return {key: merged[key] for key in PRESET_KEYS}
 
+    def changed_outside(self, keys) -> list[str]:
+        """The settings this preset changes from TrainConfig's defaults that are not among ``keys`` (the fields of
+        a form that cannot show them), by name."""
+        base = dataclasses.asdict(TrainConfig())
+        return sorted(key for key, value in self.settings.items() if key not in keys and value != base[key])
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family.value, "builtin": self.builtin,
                 "settings": dict(self.settings)}

@@ -64,6 +64,10 @@ def wire(row: dict, settings: dict, shown_defaults: gr.State) -> None:
         values["optimizer_args"] = _arguments_text(values["optimizer_args"])
         family = jobs().preset_defaults(preset.family)  # the defaults the form now shows
         note = tr("Settings filled from the preset {name}.", name=label)
+        outside = preset.changed_outside(keys)
+        if outside:
+            note += tr(" This page has no field for its {keys}: a training from this page keeps their defaults (a "
+                       "train body with this preset in the API uses them).", keys=", ".join(outside))
         if preset.family.value != jobs().loaded_family().value:
             note += tr(" It is meant for {family} models; the loaded model is {loaded}.",
                        family=preset.family.value.upper(), loaded=jobs().loaded_family().value.upper())
