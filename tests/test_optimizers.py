@@ -140,6 +140,9 @@ def valid(**overrides) -> TrainConfig:
     (dict(lr_warmup_steps=10, lr_warmup_ratio=0.1), "as steps or as a ratio of the steps, not both"),
     (dict(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=0), "cycles must be at least 1"),
     (dict(optimizer="SGD"), "Optimizer must be one of AdamW, AdamW8bit, Lion, Lion8bit, Prodigy"),
+    # Lion takes either without a word: a negative decay grows every weight, NaN makes the first step NaN.
+    (dict(optimizer="Lion", weight_decay=-0.1), "Weight decay must be 0 or more \\(got -0.1\\)"),
+    (dict(weight_decay=float("nan")), "Weight decay must be 0 or more \\(got nan\\)"),
 ])
 def test_settings_that_make_no_sense_for_the_optimizer_are_refused_with_a_hint(overrides, message):
     with pytest.raises(ConfigError, match=message):

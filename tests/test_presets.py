@@ -4,12 +4,14 @@ extension's data folder, refused like a training would be, and reach the API's t
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from safetensors import safe_open
 
 from lib_train.common.errors import ConfigError, TrainToolsError
 from lib_train.engine.config import TrainConfig
+from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.model_guard import fingerprint
 from lib_train.engine.presets import BUILTIN, PRESET_KEYS, PresetStore
 from lib_train.engine.train import train_lora
@@ -101,6 +103,31 @@ def test_users_presets_are_saved_listed_and_refused_like_a_training(tmp_path):
         store.delete("SDXL style")
 
 
+def test_a_preset_is_checked_with_the_defaults_of_its_family(tmp_path):
+    """What an SDXL preset leaves out is SDXL's (buckets 512-2048, the UNet only), so it is checked with those: a
+    preset valid on them is saved, one a training would refuse on them is refused before it is saved."""
+    store = PresetStore(tmp_path / "presets")
+    for settings in ({"resolution": 1536}, {"optimizer": "Prodigy", "unet_lr": 1.0}):
+        saved = store.save("mine", "sdxl", settings)
+        TrainConfig.from_dict({**saved.values(False, False), "name": "x", "train_dir": "d", "output_dir": "o"}).validate()
+        assert [p.name for p in store.all()][4:] == ["mine"]  # listed again when read back
+    with pytest.raises(ConfigError, match="Bucket sizes must satisfy 64 <= min \\(512\\) <= resolution \\(256\\)"):
+        store.save("small", "sdxl", {"resolution": 256})
+    assert not (tmp_path / "presets" / "small.json").exists()
+
+
+def test_a_preset_names_what_it_changes_that_a_form_has_no_field_for(tmp_path):
+    """The Train page has no field for some settings (gradient accumulation, save precision...): a preset saved
+    through the API may change them, and applying it on the page says which ones it cannot set there."""
+    store = PresetStore(tmp_path / "presets")
+    preset = store.save("api", "sd1", {"rank": 8, "gradient_accumulation_steps": 4, "save_precision": "bf16",
+                                       "max_grad_norm": 1.0})  # 1.0 is the default: nothing lost
+    on_page = [key for key in PRESET_KEYS if key not in ("gradient_accumulation_steps", "save_precision",
+                                                         "max_grad_norm")]
+    assert preset.changed_outside(on_page) == ["gradient_accumulation_steps", "save_precision"]
+    assert preset.changed_outside(PRESET_KEYS) == [] and BUILTIN[0].changed_outside(on_page) == []
+
+
 def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path):
     from .webui_standin import make_webui
 
@@ -119,3 +146,25 @@ def test_the_api_body_takes_a_preset_by_name_and_refuses_another_family(tmp_path
     jobs.presets.save("mine", "sd1", {"rank": 6})
     assert jobs.prepare({**body, "preset": "mine"}).rank == 6
     assert "mine" not in jobs.project_names() and ".presets" not in jobs.project_names()
+
+
+def test_on_a_gpu_a_preset_keeps_the_samples_every_epoch_and_the_form_can_turn_them_off(tmp_path):
+    """Samples every epoch is the GPU's default; no preset speaks of samples, so applying one keeps it (the API's body
+    with a preset, the form's values) and the form's defaults after it say so: the Train click moves nothing back."""
+    from .webui_standin import make_webui
+
+    webui = make_webui(tmp_path / "Lora")
+    webui.devices.device = SimpleNamespace(type="cuda")
+    jobs = TrainingJobs(webui, Folders(lora_dir=tmp_path / "Lora", projects_dir=tmp_path / "projects",
+                                       data_dir=tmp_path, exposed=False))
+    make_concept_images(tmp_path / "pictures" / "1_concept", count=1)
+    loaded = jobs.family_defaults(webui.shared.sd_model)
+    assert loaded["sample_every_n_epochs"] == 1
+    values = jobs.preset_values("SD1.5 character")
+    assert values["sample_every_n_epochs"] == 1 and values["rank"] == 32
+    body = {"name": "p", "train_dir": str(tmp_path / "pictures"), "preset": "SD1.5 character"}
+    assert jobs.prepare(body).sample_every_n_epochs == jobs.prepare({**body, "preset": ""}).sample_every_n_epochs == 1
+    # The form after Apply shows the preset's values and its family's defaults; the user then turns samples off.
+    shown = jobs.preset_defaults(ModelFamily.SD1)
+    assert defaults_switch(values, shown, loaded) == {}
+    assert defaults_switch({**values, "sample_every_n_epochs": 0}, shown, loaded) == {}

@@ -283,6 +283,8 @@ class TrainConfig:
                 need(lr < 1, tr("{label} learning rate must be below 1 for {name} (got {lr:g}); 1.0 is the "
                                 "convention of the adaptive optimizers (Prodigy, DAdaptAdam).", label=label,
                                 name=kind.name, lr=lr))
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             tr("Weight decay must be 0 or more (got {weight_decay}); 0 turns it off.", weight_decay=self.weight_decay))
         kind.check_arguments(self.optimizer_args)
         need(self.lr_scheduler in SCHEDULERS, tr("Scheduler must be one of {value}.", value=', '.join(SCHEDULERS)))
         need(not kind.schedule_free or self.lr_scheduler == "constant",

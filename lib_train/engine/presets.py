@@ -38,9 +38,19 @@ class Preset:
 
     def values(self, on_cuda: bool, has_bitsandbytes: bool) -> dict[str, Any]:
         """Every preset setting: TrainConfig's default < the family's defaults < the preset's values."""
-        base = dataclasses.asdict(TrainConfig())
-        merged = {**base, **family_overrides(self.family, on_cuda, has_bitsandbytes), **self.settings}
+        return self.values_over(family_overrides(self.family, on_cuda, has_bitsandbytes))
+
+    def values_over(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Every preset setting: TrainConfig's default < ``defaults`` (the family's, and the WebUI's device's) < the
+        preset's values."""
+        merged = {**dataclasses.asdict(TrainConfig()), **defaults, **self.settings}
         return {key: merged[key] for key in PRESET_KEYS}
+
+    def changed_outside(self, keys) -> list[str]:
+        """The settings this preset changes from TrainConfig's defaults that are not among ``keys`` (the fields of
+        a form that cannot show them), by name."""
+        base = dataclasses.asdict(TrainConfig())
+        return sorted(key for key, value in self.settings.items() if key not in keys and value != base[key])
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family.value, "builtin": self.builtin,
@@ -74,12 +84,14 @@ BUILTIN: tuple[Preset, ...] = (
 )
 
 
-def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The preset settings as TrainConfig reads them (numbers converted), refused like a training would be."""
+def check_settings(settings: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
+    """The preset settings as TrainConfig reads them (numbers converted), refused like a training would be: on the
+    defaults of the preset's family, which applying it gives the settings it leaves out (SDXL: buckets 512-2048)."""
     outside = sorted(set(settings) & NOT_IN_PRESETS)
     if outside:
         raise ConfigError(tr("A preset holds training settings only, not {keys}.", keys=", ".join(outside)))
-    config = TrainConfig.from_dict({**settings, "name": "preset", "train_dir": ".", "output_dir": "."}).validate()
+    given = {**family_overrides(family, on_cuda=False, has_bitsandbytes=False), **settings}
+    config = TrainConfig.from_dict({**given, "name": "preset", "train_dir": ".", "output_dir": "."}).validate()
     values = dataclasses.asdict(config)
     return {key: values[key] for key in settings}
 
@@ -110,7 +122,7 @@ class PresetStore:
         if family not in FAMILIES:
             raise ConfigError(tr("The preset's model family must be one of {families}, not {family!r}.",
                                  families=", ".join(FAMILIES), family=family))
-        preset = Preset(name, FAMILIES[family], check_settings(settings))
+        preset = Preset(name, FAMILIES[family], check_settings(settings, FAMILIES[family]))
         data = json.dumps(preset.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
         write_atomically(self.folder / f"{name}.json", data, overwrite=True)
         return preset
@@ -127,7 +139,8 @@ class PresetStore:
         for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                found.append(Preset(str(data["name"]), FAMILIES[data["family"]], check_settings(data["settings"])))
+                family = FAMILIES[data["family"]]
+                found.append(Preset(str(data["name"]), family, check_settings(data["settings"], family)))
             except (OSError, ValueError, KeyError, TypeError, ConfigError):
                 continue
         return found

@@ -123,8 +123,14 @@ class TrainingJobs:
             family = model_family(sd_model) if sd_model is not None else None
         except ConfigError:
             family = None
-        on_cuda, has_bitsandbytes = self.device_facts()
         prediction = PredictionType.V if getattr(sd_model, "parameterization", "eps") == "v" else PredictionType.EPSILON
+        return self.preset_defaults(family, prediction)
+
+    def preset_defaults(self, family: ModelFamily | None,
+                        prediction: PredictionType = PredictionType.EPSILON) -> dict:
+        """The settings whose default differs for ``family`` on this WebUI's device: what a preset of that family
+        gives for the settings it leaves out, and what the form's defaults are after it is applied."""
+        on_cuda, has_bitsandbytes = self.device_facts()
         overrides = family_overrides(family, on_cuda, has_bitsandbytes, prediction)
         # Samples cost seconds on a GPU and minutes on the CPU: on by default where they are cheap.
         return {**overrides, "sample_every_n_epochs": 1} if on_cuda else overrides
@@ -148,8 +154,9 @@ class TrainingJobs:
             return ModelFamily.SD1
 
     def preset_values(self, name: str) -> dict:
-        """Every Train page setting as the preset ``name`` sets it."""
-        return self.presets.get(name).values(*self.device_facts())
+        """Every Train page setting as the preset ``name`` sets it (samples every epoch on a GPU, as without one)."""
+        preset = self.presets.get(name)
+        return preset.values_over(self.preset_defaults(preset.family))
 
     def prepare(self, values: dict, *, for_finder: bool = False) -> TrainConfig:
         """Validate settings from the tab or the API into a config; the output folder is always the project's

@@ -9,7 +9,6 @@ import gradio as gr
 
 from lib_train.common.errors import TrainToolsError
 from lib_train.common.i18n import tr
-from lib_train.engine.family_defaults import family_overrides
 from lib_train.engine.presets import PRESET_KEYS
 
 from .webui_context import jobs
@@ -63,8 +62,12 @@ def wire(row: dict, settings: dict, shown_defaults: gr.State) -> None:
         except TrainToolsError as error:
             return [gr.update(), *[gr.update()] * len(keys), _status(str(error), error=True)]
         values["optimizer_args"] = _arguments_text(values["optimizer_args"])
-        family = family_overrides(preset.family, *jobs().device_facts())
+        family = jobs().preset_defaults(preset.family)  # the defaults the form now shows
         note = tr("Settings filled from the preset {name}.", name=label)
+        outside = preset.changed_outside(keys)
+        if outside:
+            note += tr(" This page has no field for its {keys}: a training from this page keeps their defaults (a "
+                       "train body with this preset in the API uses them).", keys=", ".join(outside))
         if preset.family.value != jobs().loaded_family().value:
             note += tr(" It is meant for {family} models; the loaded model is {loaded}.",
                        family=preset.family.value.upper(), loaded=jobs().loaded_family().value.upper())
