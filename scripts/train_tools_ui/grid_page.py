@@ -56,6 +56,8 @@ def _recommended_cell(job) -> tuple:
     if not job.recommended:
         return None, "", _message(tr("No ★ epoch: the files carry no validation loss to compare (or fewer than "
                                      "two)."))
+    if not job.recommended["file"]:  # the validation losses were not numbers: the message names their epochs
+        return None, "", _message(job.recommended["message"], error=True)
     cell = cell_of(Path(job.grid_folder), Path(job.recommended["file"]), 1.0)
     if cell is None:
         return None, "", _message(job.recommended["message"])
