@@ -234,3 +234,18 @@ def test_every_validation_loss_not_a_number_recommends_nothing_and_says_why(root
     request = jobs.prepare_grid(dict(name="live", prompt="ttconcept", sampler="Euler", steps=2, width=64, height=64,
                                      seeds="7", weights="1"))
     assert request.recommended == found  # the grid page shows its message instead of a ★ row
+
+
+def test_a_grid_without_the_recommended_epochs_row_still_names_it(root):
+    """Rendering other epochs than the ★ one is no reason to say the files carry no validation loss."""
+    jobs = runner(root)
+    folder = root / "models" / "Lora" / "live"
+    folder.mkdir(parents=True)
+    for epoch, loss in enumerate([0.3, 0.1, 0.2], start=1):
+        write_epoch(folder, "live" if epoch == 3 else f"live-{epoch:06d}", epoch, loss)
+    request = jobs.prepare_grid(dict(name="live", prompt="ttconcept", sampler="Euler", steps=2, width=64, height=64,
+                                     seeds="7", weights="1", epochs="1, 3"))
+    assert [row.epoch for row in request.rows] == [1, 3]
+    assert request.recommended is not None and request.recommended.file.epoch == 2
+    assert "epoch 2" in request.recommended.explain()
+    assert not any(label.endswith(GRID_MARK) for label in marked_labels(request.rows, ["a", "b"], request.recommended))

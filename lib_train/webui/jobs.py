@@ -585,10 +585,8 @@ class TrainingJobs:
         available = epoch_files(self.folders.lora_dir / name, name)
         rows = spec.select_epochs(available)
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
+        # Also when its epoch is not among the grid's rows: no row is marked, and the page still names it.
         recommended = recommend_epoch(available)
-        if recommended is not None and recommended.file is not None \
-                and all(row.path != recommended.file.path for row in rows):
-            recommended = None  # its epoch is not among the grid's rows: nothing to mark or pre-select
         return GridRequest(name, spec, rows, new_grid_folder(grids), recommended)
 
     def recommend(self, name: str) -> Recommendation | None:
