@@ -137,7 +137,8 @@ def on_app_started(demo, app) -> None:
 
     @app.get("/train-tools/v1/recommend", dependencies=dependencies)
     def recommend(name: str):
-        """The saved epoch of lowest validation loss, and whether the loss was still falling ({} without two)."""
+        """The saved epoch of lowest validation loss, and whether the loss was still falling ({} without two; epoch
+        and file null when losses that are not numbers, named in not_finite_epochs, leave fewer than two)."""
         try:
             found = jobs().recommend(name)
         except TrainToolsError as error:

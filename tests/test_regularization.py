@@ -140,3 +140,16 @@ def test_training_with_class_pictures_records_kohyas_keys(tiny_host, folders):
     with safe_open(str(results[0.0].saved_files[-1]), "pt") as handle:
         assert handle.metadata()["ss_prior_loss_weight"] == "0.0"
         assert any(not torch.equal(handle.get_tensor(key), trained[key]) for key in trained)
+
+
+def test_the_validation_loss_is_measured_on_the_training_pictures_only(folders):
+    """The ★ epoch is where the LoRA fits the training pictures best: the class pictures (as many items as the
+    training ones, often many more pictures) would pull it towards the epoch closest to the base model, and the
+    file's ss_num_validation_images counts the training pictures."""
+    tiny_host = StandaloneHost(build_tiny_sd1(seed=0))
+    config = tiny_config(folders / "train", folders / "out", reg_dir=str(folders / "reg"), batch_size=2)
+    data = config.training_data(usable_pictures(config).records)
+    data.cache_latents(tiny_host.encode_images, tiny_host.device)
+    validated = [record for batch in data.fixed_batches() for record in batch.records]
+    assert sorted(r.path.name for r in validated) == [f"img_{i:02d}.png" for i in range(4)]
+    assert not any(r.is_reg for r in validated)

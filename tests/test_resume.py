@@ -112,6 +112,21 @@ def test_changed_settings_and_pictures_are_named_before_continuing(tmp_path, dat
     assert (tmp_path / "run" / "tiny.safetensors").is_file()
 
 
+def test_an_accepted_learning_rate_change_is_the_rate_the_continued_run_trains_at(tmp_path, data):
+    """The optimizer's saved state holds the old rates (its param groups) and the schedule its old base rates:
+    restoring them as they are would train on at the old rate while the status and the file say the new one."""
+    host = fresh_host()
+    stop_after_epoch(host, 1)
+    train_lora(host, settings(tmp_path, "run", lr_scheduler="constant", lr_warmup_steps=0))
+    host = fresh_host()
+    rates = []
+    host._on_progress = lambda progress: rates.append(progress.learning_rate) if progress.phase == "training" else None
+    result = train_lora(host, settings(tmp_path, "run", lr_scheduler="constant", lr_warmup_steps=0, unet_lr=2e-3),
+                        resume=True, accept_changes=True)
+    assert result.changes == ["unet_lr: 0.001 → 0.002"]
+    assert rates and all(rate == pytest.approx(2e-3) for rate in rates)
+
+
 @pytest.mark.parametrize("change, expected", [
     (dict(rank=8), "another shape than these settings ask for (rank 4 → 8)"),
     (dict(network_type="loha"), "network_type 'lora' → 'loha'"),

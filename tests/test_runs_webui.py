@@ -199,3 +199,53 @@ def test_preview_grid_marks_and_preselects_the_recommended_epoch(root):
     # Use on the pre-selected cell makes that epoch the LoRA's file.
     result = jobs.choose("live", cell.file, cell.weight, cell.picture)
     assert result.chosen.epoch == expected.file.epoch
+
+
+@pytest.mark.parametrize("losses, best, falling, not_finite", [
+    ([0.30, 0.20, float("nan"), 0.25], 2, False, (3,)),
+    ([0.30, 0.20, float("inf")], 2, False, (3,)),  # the last epoch broke: training longer would not help
+    ([0.30, 0.20, 0.10, float("nan")], 3, False, (4,)),
+])
+def test_a_validation_loss_that_is_not_a_number_is_named(tmp_path, losses, best, falling, not_finite):
+    for epoch, loss in enumerate(losses, start=1):
+        write_epoch(tmp_path, "x" if epoch == len(losses) else f"x-{epoch:06d}", epoch, loss)
+    found = recommend_epoch(epoch_files(tmp_path, "x"))
+    assert found.file.epoch == best and found.still_falling is falling
+    assert found.not_finite == not_finite
+    epochs = ", ".join(str(epoch) for epoch in not_finite)
+    assert f"validation loss of epoch(s) {epochs} is not a number" in found.explain()
+    assert "still falling" not in found.explain()
+    assert found.to_dict()["not_finite_epochs"] == list(not_finite)
+
+
+def test_every_validation_loss_not_a_number_recommends_nothing_and_says_why(root):
+    jobs = runner(root)
+    folder = root / "models" / "Lora" / "live"
+    folder.mkdir(parents=True)
+    for epoch, loss in enumerate([float("nan"), float("nan"), float("nan")], start=1):
+        write_epoch(folder, "live" if epoch == 3 else f"live-{epoch:06d}", epoch, loss)
+    found = jobs.recommend("live")
+    assert found is not None and found.file is None and found.not_finite == (1, 2, 3)
+    assert "No ★ epoch" in found.explain() and "epoch(s) 1, 2, 3 is not a number" in found.explain()
+    answer = found.to_dict()  # the API's answer and the grid status's "recommended"
+    assert answer["epoch"] is None and answer["file"] is None and answer["not_finite_epochs"] == [1, 2, 3]
+    files = epoch_files(folder, "live")
+    assert marked_labels(files, [f.label for f in files], found) == [f.label for f in files]
+    request = jobs.prepare_grid(dict(name="live", prompt="ttconcept", sampler="Euler", steps=2, width=64, height=64,
+                                     seeds="7", weights="1"))
+    assert request.recommended == found  # the grid page shows its message instead of a ★ row
+
+
+def test_a_grid_without_the_recommended_epochs_row_still_names_it(root):
+    """Rendering other epochs than the ★ one is no reason to say the files carry no validation loss."""
+    jobs = runner(root)
+    folder = root / "models" / "Lora" / "live"
+    folder.mkdir(parents=True)
+    for epoch, loss in enumerate([0.3, 0.1, 0.2], start=1):
+        write_epoch(folder, "live" if epoch == 3 else f"live-{epoch:06d}", epoch, loss)
+    request = jobs.prepare_grid(dict(name="live", prompt="ttconcept", sampler="Euler", steps=2, width=64, height=64,
+                                     seeds="7", weights="1", epochs="1, 3"))
+    assert [row.epoch for row in request.rows] == [1, 3]
+    assert request.recommended is not None and request.recommended.file.epoch == 2
+    assert "epoch 2" in request.recommended.explain()
+    assert not any(label.endswith(GRID_MARK) for label in marked_labels(request.rows, ["a", "b"], request.recommended))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lib_train.engine.save_now import SaveNow
 from lib_train.engine.train import train_lora
-from lib_train.engine.validation import smoothed
+from lib_train.engine.validation import loss_plot_title, smoothed
 from lib_train.hosts.sd1 import build_tiny_sd1
 from lib_train.hosts.standalone import StandaloneHost
 from lib_train.preview.grid_spec import epoch_files
@@ -75,6 +75,18 @@ def test_smoothed_loss_has_no_start_up_bias():
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     values = smoothed([1.0, 0.0] * 20)
     assert 0.4 < values[-1] < 0.6 and values[0] == 1.0
+
+
+@pytest.mark.parametrize("history, title", [
+    ([], "Loss"),
+    ([(1, 3, 0.3), (2, 6, 0.2)], "Loss (validation lowest at epoch 2: 0.2000)"),
+    # A NaN first is no lowest (min() would keep it: nothing compares below NaN), and it is named.
+    ([(1, 3, float("nan")), (2, 6, 0.3), (3, 9, 0.2)],
+     "Loss (validation lowest at epoch 3: 0.2000; not a number at epoch(s) 1)"),
+    ([(1, 3, float("nan")), (2, 6, float("inf"))], "Loss (the validation loss is not a number at epoch(s) 1, 2)"),
+])
+def test_the_loss_plot_title_names_validation_losses_that_are_not_numbers(history, title):
+    assert loss_plot_title(history) == title
 
 
 def test_save_now_writes_an_extra_file_and_the_run_goes_on_unchanged(tmp_path, data):

@@ -370,11 +370,13 @@ class TrainingData:
             yield self._make_batch(indices, rng, self._latents, self._flipped_latents)
 
     def fixed_batches(self) -> Iterator[Batch]:
-        """Every picture once, as it is (not mirrored, its caption unchanged), bucket by bucket in a fixed order:
-        what the validation loss is measured on, drawing no random number."""
+        """Every training picture once, as it is (not mirrored, its caption unchanged), bucket by bucket in a fixed
+        order: what the validation loss is measured on, drawing no random number. Class (regularization) pictures
+        are left out: the loss measures how the LoRA fits the training pictures."""
         if self._latents is None:
             raise RuntimeError("TrainingData.cache_latents() must run before fixed_batches().")
-        for _, members in sorted(self._members.items()):
+        for _, bucket_members in sorted(self._members.items()):
+            members = [index for index in bucket_members if not self.records[index].is_reg]
             for start in range(0, len(members), self.batch_size):
                 indices = members[start : start + self.batch_size]
                 masks = [self._masks[i, False] for i in indices] if self._masks is not None else []

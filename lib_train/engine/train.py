@@ -90,7 +90,7 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
         try:
             run = start_run(cleanup, host, config, data, cache, result.cache, result.total_steps, amp_dtype)
             if saved:
-                restore(run, saved)
+                restore(run, saved, config.optimizer_arguments(result.total_steps))
             elif config.initial_lora:
                 load_initial_lora(run.network, config.initial_lora)
             validation = ValidationLoss(data, config.seed) if config.validation_loss else None

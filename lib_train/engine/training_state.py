@@ -176,9 +176,16 @@ def check_continuation(saved: SavedRun, config: TrainConfig, family: ModelFamily
     return changes
 
 
-def restore(run, saved: SavedRun) -> None:
-    """Put the saved network, optimizers, schedules, scaler and random states into a freshly set-up run."""
+def restore(run, saved: SavedRun, optimizer_arguments: dict[str, Any]) -> None:
+    """Put the saved network, optimizers, schedules, scaler and random states into a freshly set-up run. What the
+    settings give the optimizer (its learning rates, weight decay and ``optimizer_arguments``) stays the fresh
+    run's: torch's ``load_state_dict`` would bring back the saved run's, so a learning rate changed on Continue
+    would be named and accepted but not trained with. What the optimizer learned (moments, an adaptive step size)
+    comes from the state."""
     payload = saved.payload
+    configured = {"lr", "initial_lr", "weight_decay", *optimizer_arguments}
+    settings = [[{key: group[key] for key in configured if key in group} for group in optimizer.param_groups]
+                for optimizer in run.optimizers]
     try:
         run.network.load_kohya_state_dict(payload["network"])
     except ValueError as error:
@@ -192,9 +199,18 @@ def restore(run, saved: SavedRun) -> None:
     except (ValueError, KeyError) as error:
         raise ConfigError(tr("The training state's optimizer does not fit these settings ({error}); put the LoRA+ "
                              "ratios and text-encoder setting back, or start a new run.", error=error)) from None
+    for optimizer, groups in zip(run.optimizers, settings):
+        for group, values in zip(optimizer.param_groups, groups):
+            group.update(values)
     for schedule, state in zip(run.schedules, payload["schedules"]):
-        # The schedule's shape (warmup, length) comes from the current settings; only its position is restored.
+        # The schedule's shape (warmup, length) and base rates come from the current settings; only its position
+        # is restored, and the rate of the next step is the one the schedule gives at that position.
         schedule.load_state_dict(state)
+        schedule.base_lrs = [group["initial_lr"] for group in schedule.optimizer.param_groups]
+        rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+        for group, rate in zip(schedule.optimizer.param_groups, rates):
+            group["lr"] = rate
+        schedule._last_lr = rates
     if run.scaler is not None and payload.get("scaler"):
         run.scaler.load_state_dict(payload["scaler"])
     _set_random_states(run.generator, payload["random"])

@@ -10,12 +10,14 @@ training noise instead). It measures fit, not generalisation to unseen pictures;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..common.i18n import tr
 from ..dataset.training_data import TrainingData
 from ..hosts.protocol import TrainingHost
 from .loss import training_target
@@ -81,3 +83,18 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
         average = weight * average + (1 - weight) * value
         result.append(average / (1 - weight ** index))
     return result
+
+
+def loss_plot_title(validation_history: list[tuple[int, int, float]]) -> str:
+    """The Train page's loss plot title: the epoch of lowest validation loss, and the epochs whose loss is NaN or
+    infinite (never taken for the lowest: ``min`` keeps a NaN it meets first, as nothing compares below it)."""
+    finite = [entry for entry in validation_history if math.isfinite(entry[2])]
+    broken = ", ".join(str(epoch) for epoch, _, loss in validation_history if not math.isfinite(loss))
+    if not finite:
+        return tr("Loss (the validation loss is not a number at epoch(s) {epochs})", epochs=broken) if broken \
+            else tr("Loss")
+    epoch, _, lowest = min(finite, key=lambda entry: entry[2])
+    if broken:
+        return tr("Loss (validation lowest at epoch {epoch}: {lowest:.4f}; not a number at epoch(s) {epochs})",
+                  epoch=epoch, lowest=lowest, epochs=broken)
+    return tr("Loss (validation lowest at epoch {epoch}: {lowest:.4f})", epoch=epoch, lowest=lowest)

@@ -592,13 +592,13 @@ class TrainingJobs:
         available = epoch_files(self.folders.lora_dir / name, name)
         rows = spec.select_epochs(available)
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids
+        # Also when its epoch is not among the grid's rows: no row is marked, and the page still names it.
         recommended = recommend_epoch(available)
-        if recommended is not None and all(row.path != recommended.file.path for row in rows):
-            recommended = None  # its epoch is not among the grid's rows: nothing to mark or pre-select
         return GridRequest(name, spec, rows, new_grid_folder(grids), recommended)
 
     def recommend(self, name: str) -> Recommendation | None:
-        """The saved epoch of lowest validation loss of the LoRA ``name``; None without two epochs to compare."""
+        """The saved epoch of lowest validation loss of the LoRA ``name``; None without two epochs to compare, one
+        without a file when losses that are not numbers left fewer than two (its message names their epochs)."""
         name = check_output_name(name)
         return recommend_epoch(epoch_files(self.folders.lora_dir / name, name))
 

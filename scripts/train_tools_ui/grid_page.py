@@ -56,9 +56,13 @@ def _recommended_cell(job) -> tuple:
     if not job.recommended:
         return None, "", _message(tr("No ★ epoch: the files carry no validation loss to compare (or fewer than "
                                      "two)."))
+    if not job.recommended["file"]:  # the validation losses were not numbers: the message names their epochs
+        return None, "", _message(job.recommended["message"], error=True)
     cell = cell_of(Path(job.grid_folder), Path(job.recommended["file"]), 1.0)
-    if cell is None:
-        return None, "", _message(job.recommended["message"])
+    if cell is None:  # its epoch was not rendered in this grid
+        return None, "", _message(job.recommended["message"] + tr(" Its row is not in this grid: add epoch {epoch} "
+                                                                  "to Epochs to see it.",
+                                                                  epoch=job.recommended["epoch"]))
     return str(cell.picture), _choice_json(cell), _message(tr("{recommendation} Pre-selected: {use}",
                                                               recommendation=job.recommended["message"],
                                                               use=_use_explanation(cell)))

@@ -20,7 +20,7 @@ from lib_train.engine.config import MIXED_PRECISIONS, OPTIMIZERS, SCHEDULERS, Tr
 from lib_train.engine.optim import OPTIMIZER_KINDS
 from lib_train.engine.family_defaults import defaults_switch
 from lib_train.engine.loss import HUBER_SCHEDULES, LOSS_TYPES
-from lib_train.engine.validation import smoothed
+from lib_train.engine.validation import loss_plot_title, smoothed
 
 from . import presets_row
 from .webui_context import jobs
@@ -294,10 +294,7 @@ def _loss_frame(job):
 
 
 def _loss_title(job) -> str:
-    if job is None or not job.validation_history:
-        return tr("Loss")
-    epoch, _, lowest = min(job.validation_history, key=lambda entry: entry[2])
-    return tr("Loss (validation lowest at epoch {epoch}: {lowest:.4f})", epoch=epoch, lowest=lowest)
+    return loss_plot_title(job.validation_history if job else [])
 
 
 _PARTS = {"unet": "UNet", "text_encoder": tr("text encoder")}
