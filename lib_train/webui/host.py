@@ -69,6 +69,12 @@ def model_family(sd_model) -> ModelFamily:
                                  "and their fine-tunes). Load one of those first.", conditioning=conditioning))
         return ModelFamily.SD2
     if getattr(sd_model, "is_sd1", False):
+        # SD1.5 inpainting and instruct-pix2pix take the (masked) picture beside the latent ("hybrid").
+        conditioning = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+        if conditioning != "crossattn":
+            raise ConfigError(tr("The loaded model is an SD1.x inpainting or instruct-pix2pix checkpoint ({conditioning} "
+                                 "conditioning); Train Tools trains on the SD1.x text-to-image models. Load one of "
+                                 "those first.", conditioning=conditioning))
         return ModelFamily.SD1
     kind = "SD3" if getattr(sd_model, "is_sd3", False) else type(sd_model).__name__
     raise ConfigError(tr("Train Tools trains on SD1.x, SD2.x and SDXL checkpoints; the loaded model is {kind}. "
