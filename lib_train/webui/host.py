@@ -95,10 +95,14 @@ def webui_host(webui: WebUI, **kwargs) -> "WebUIHost":
 
 def text_path_clip_skip(webui: WebUI) -> int:
     """The clip skip the WebUI's text path applies to the loaded model: its option, except on SD2, whose OpenCLIP
-    layer is the model config's choice (the WebUI reads no option there)."""
-    if getattr(webui.shared.sd_model, "is_sd2", False):
+    layer is the model config's choice (the WebUI reads no option there), and on SDXL, whose CLIP-L reads it only
+    with the "Clip skip SDXL" option (``sdxl_clip_l_skip``; bigG never)."""
+    sd_model, opts = webui.shared.sd_model, webui.shared.opts
+    if getattr(sd_model, "is_sd2", False):
         return 1
-    return int(getattr(webui.shared.opts, "CLIP_stop_at_last_layers", 1))
+    if getattr(sd_model, "is_sdxl", False) and getattr(opts, "sdxl_clip_l_skip", False) is not True:
+        return 1
+    return int(getattr(opts, "CLIP_stop_at_last_layers", 1))
 
 
 class WebUIHost:
