@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .common.errors import TrainToolsError
+from .common.errors import ConfigError, TrainToolsError
+from .common.i18n import tr
 from .common.tensor_store import CacheFolder
 from .engine.config import TrainConfig
 from .engine.lr_finder import find_learning_rate
@@ -121,6 +122,10 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_predi
         # reads the same key).
         v_prediction = v_prediction or "v_pred" in keys
         if any(key.startswith("conditioner.") for key in keys):
+            if config.clip_skip > 1:  # refused before the minute the loading takes
+                raise ConfigError(tr("clip_skip = {clip_skip} does not apply to SDXL: its text encoders read their "
+                                     "penultimate layer (as in kohya, and in the WebUI without its \"Clip skip "
+                                     "SDXL\" option). Remove clip_skip from the config.", clip_skip=config.clip_skip))
             model = load_sdxl_checkpoint(path, dtype=weights_dtype or torch.float32)
         elif any(key.startswith("cond_stage_model.model.") for key in keys):
             model = load_sd2_checkpoint(path)
