@@ -130,3 +130,17 @@ def checkpoint_prediction_type(path: str | Path) -> PredictionType | None:
         raise CheckpointError(tr("{name} is not a readable model config: {error}", name=config_path.name,
                                  error=error)) from None
     return PredictionType.V if parameterization == "v" else PredictionType.EPSILON
+
+
+def unet_prediction_type(unet: nn.Module) -> PredictionType:
+    """The prediction type of an SD2 UNet whose checkpoint has no config beside it, decided as the WebUI decides it
+    (so it loads v2-1_768-ema-pruned.safetensors alone as v): one float32 call on a constant latent of 0.5 at the
+    last timestep with a constant text of 0.5; a v-prediction UNet answers far below its input there (on average
+    by more than 1), an epsilon one does not."""
+    context_dim = next(m.in_features for name, m in unet.named_modules() if name.endswith("attn2.to_k"))
+    device = next(unet.parameters()).device
+    with torch.no_grad():
+        latent = torch.full((1, 4, 8, 8), 0.5, device=device)
+        text = torch.full((1, 2, context_dim), 0.5, device=device)
+        answer = unet(latent, torch.tensor([999], device=device), context=text)
+    return PredictionType.V if (answer.float() - latent).mean().item() < -1 else PredictionType.EPSILON
