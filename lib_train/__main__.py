@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .common.errors import TrainToolsError
+from .common.errors import ConfigError, TrainToolsError
+from .common.i18n import tr
 from .common.tensor_store import CacheFolder
 from .engine.config import TrainConfig
 from .engine.lr_finder import find_learning_rate
@@ -24,7 +25,7 @@ from .engine.train import train_lora
 from .hosts.checkpoint_hashes import legacy_hash, sha256_of_file
 from .hosts.protocol import BaseModelInfo, PredictionType, Progress
 from .hosts.sd1 import build_tiny_sd1, load_sd1_checkpoint
-from .hosts.sd2 import SD2Model, checkpoint_prediction_type, load_sd2_checkpoint
+from .hosts.sd2 import SD2Model, checkpoint_prediction_type, load_sd2_checkpoint, unet_prediction_type
 from .hosts.sdxl import SDXLModel, load_sdxl_checkpoint
 from .hosts.standalone import StandaloneHost
 from .hosts.standalone_sd2 import StandaloneSD2Host
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
         command.add_argument("--v-prediction", action="store_true",
                              help="the checkpoint predicts velocity (read from its 'v_pred' key, or the "
-                             "'parameterization' of its .yaml config beside it, when it has one)")
+                             "'parameterization' of its .yaml config beside it, when it has one; an SD2 "
+                             "checkpoint without one is tested as the WebUI tests it)")
         command.add_argument("--cache-dir", help="keep latents and caption embeddings in this folder between runs "
                              "(a rerun then starts without encoding; the result is the same)")
     train.add_argument("--summary-json", help="write timings and memory of the run to this file (for bench/)")
@@ -121,11 +123,17 @@ def _load_host(checkpoint: str | None, device: str, config: TrainConfig, v_predi
         # reads the same key).
         v_prediction = v_prediction or "v_pred" in keys
         if any(key.startswith("conditioner.") for key in keys):
+            if config.clip_skip > 1:  # refused before the minute the loading takes
+                raise ConfigError(tr("clip_skip = {clip_skip} does not apply to SDXL: its text encoders read their "
+                                     "penultimate layer (as in kohya, and in the WebUI without its \"Clip skip "
+                                     "SDXL\" option). Remove clip_skip from the config.", clip_skip=config.clip_skip))
             model = load_sdxl_checkpoint(path, dtype=weights_dtype or torch.float32)
         elif any(key.startswith("cond_stage_model.model.") for key in keys):
             model = load_sd2_checkpoint(path)
-            # The 768-v models' config (v2-inference-v.yaml, beside the file as the WebUI wants it) says so.
-            v_prediction = v_prediction or checkpoint_prediction_type(path) is PredictionType.V
+            # The 768-v models' config (v2-inference-v.yaml beside the file) says so; without one, the UNet's answer
+            # to a test input tells, as the WebUI finds out.
+            declared = checkpoint_prediction_type(path) or unet_prediction_type(model.unet)
+            v_prediction = v_prediction or declared is PredictionType.V
         else:
             model = load_sd1_checkpoint(path)
         info = BaseModelInfo(name=path.name, legacy_hash=legacy_hash(path), sha256=sha256_of_file(path))

@@ -62,6 +62,41 @@ def test_other_model_families_and_lora_files_are_named(tmp_path):
         load_sd1_checkpoint(sdxl)
 
 
+def test_other_families_are_refused_from_the_header_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """An SD3 or Flux file (10-23 GB) is named without loading it; so are SD1.5 inpainting and instruct-pix2pix
+    models, whose UNet takes 9 or 8 input channels, rather than by a shape mismatch."""
+    import safetensors.torch
+
+    from lib_train.hosts.sd2 import load_sd2_checkpoint
+    from lib_train.hosts.sdxl import load_sdxl_checkpoint
+
+    files = {}
+    for name, tensors in {
+        "sd3": {"model.diffusion_model.joint_blocks.0.x": torch.zeros(1), "text_encoders.clip_l.x": torch.zeros(1)},
+        "flux": {"model.diffusion_model.double_blocks.0.x": torch.zeros(1)},
+        "inpainting": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
+                       "cond_stage_model.transformer.x": torch.zeros(1)},
+        "sd1": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)},
+    }.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(files[name]))
+
+    def read_everything(*args, **kwargs):
+        raise AssertionError("the whole checkpoint was read before its family was checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", read_everything)
+    with pytest.raises(CheckpointError, match="sd3.safetensors is an SD3 checkpoint, not SD1.x text-to-image"):
+        load_sd1_checkpoint(files["sd3"])
+    with pytest.raises(CheckpointError, match="flux.safetensors is a Flux checkpoint, not SD1.x text-to-image"):
+        load_sd1_checkpoint(files["flux"])
+    with pytest.raises(CheckpointError, match="is an SD1.x inpainting or instruct-pix2pix checkpoint, not SD1.x text-to-image"):
+        load_sd1_checkpoint(files["inpainting"])
+    with pytest.raises(CheckpointError, match="sd1.safetensors is an SD1.x checkpoint, not SD2.x"):
+        load_sd2_checkpoint(files["sd1"])
+    with pytest.raises(CheckpointError, match="sd1.safetensors is an SD1.x checkpoint, not an SDXL base model"):
+        load_sdxl_checkpoint(files["sd1"])
+
+
 def test_truncated_architecture_is_refused(tmp_path):
     model = build_tiny_sd1()
     path = tmp_path / "partial.safetensors"

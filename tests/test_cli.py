@@ -100,3 +100,18 @@ def test_continue_from_the_command_line_names_changes_then_accepts_them(tmp_path
         assert handle.metadata()["ss_epoch"] == "4"
     with safe_open(str(tmp_path / "out" / "ttdemo-000003.safetensors"), "pt") as handle:  # the old final, kept
         assert handle.metadata()["ss_epoch"] == "3" and handle.metadata()["ss_output_name"] == "ttdemo-000003"
+
+
+def test_clip_skip_on_sdxl_is_refused_before_loading_the_checkpoint(tmp_path):
+    """SDXL's text encoders always read their penultimate layer (kohya, and the WebUI without its "Clip skip SDXL"):
+    a clip_skip in the config would be ignored by training yet written into the file."""
+    from safetensors.torch import save_file
+    import torch
+
+    checkpoint = tmp_path / "xl.safetensors"  # only its tensor names are read before the refusal
+    save_file({"model.diffusion_model.x": torch.zeros(1), "conditioner.embedders.0.x": torch.zeros(1)}, str(checkpoint))
+    config = tmp_path / "c.toml"
+    config.write_text(f'name = "x"\ntrain_dir = "{tmp_path}"\noutput_dir = "{tmp_path / "o"}"\nclip_skip = 2\n',
+                      encoding="utf-8")
+    completed = run_cli("train", "--config", str(config), "--checkpoint", str(checkpoint))
+    assert completed.returncode == 2 and "clip_skip = 2 does not apply to SDXL" in completed.stderr, completed.stderr

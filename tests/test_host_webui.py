@@ -169,6 +169,12 @@ def test_refusals(live):
     with pytest.raises(ConfigError, match="SDXL inpainting"):
         WebUIHost(webui)
     model.is_sd1, model.is_sdxl, model.is_sdxl_inpaint = True, False, False
+    # SD1.5 inpainting and instruct-pix2pix (ldm's "hybrid" conditioning) need the masked picture beside the latent:
+    # the WebUI marks them is_sd1 all the same, and training them would fail in the UNet's first call.
+    model.model.conditioning_key = "hybrid"
+    with pytest.raises(ConfigError, match="SD1.x inpainting or instruct-pix2pix checkpoint"):
+        WebUIHost(webui)
+    del model.model.conditioning_key
 
 
 def test_medvram_trains_unet_only(live):

@@ -23,7 +23,7 @@ from lib_train.engine.train import train_lora
 from lib_train.hosts.protocol import ModelFamily, PredictionType
 from lib_train.hosts.sd1 import TINY_VAE, load_sd1_checkpoint
 from lib_train.hosts.sd2 import (SD2_UNET, TINY_SD2_TEXT, TINY_SD2_UNET, SD2Model, build_sd2, build_tiny_sd2,
-                                 checkpoint_prediction_type, load_sd2_checkpoint)
+                                 checkpoint_prediction_type, load_sd2_checkpoint, unet_prediction_type)
 from lib_train.hosts.standalone_sd2 import StandaloneSD2Host
 from lib_train.webui.host import webui_host
 from lib_train.webui.host_sd2 import WebUISD2Host
@@ -181,6 +181,19 @@ def test_checkpoint_refusals_and_the_configs_prediction_type(tmp_path):
     model.with_suffix(".yaml").write_text("model: [unclosed")
     with pytest.raises(CheckpointError, match="not a readable model config"):
         checkpoint_prediction_type(model)
+
+
+def test_without_a_config_the_prediction_type_is_read_from_the_unet_as_the_webui_does():
+    """v2-1_768-ema-pruned.safetensors alone (the WebUI needs no .yaml since it tells v from epsilon by one UNet
+    call): the command line must not train a v-prediction model on epsilon."""
+    unet = build_tiny_sd2(seed=0).unet
+    final = unet.out[2]  # the last convolution: what the UNet answers for a constant latent at t = 999
+    with torch.no_grad():
+        final.weight.zero_()
+        final.bias.fill_(-3.0)  # far below the input, as a v-prediction model answers there
+        assert unet_prediction_type(unet) is PredictionType.V
+        final.bias.zero_()
+        assert unet_prediction_type(unet) is PredictionType.EPSILON
 
 
 # --- training ------------------------------------------------------------------------------------------------

@@ -393,3 +393,17 @@ def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_anything_is_wri
     with pytest.raises(ConfigError, match="v-prediction"):
         train_lora(sdxl_host, config)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_webui_clip_skip_on_sdxl_is_recorded_only_where_the_webui_applies_it(tmp_path):
+    """The WebUI's SDXL text path reads "Clip skip" only with its "Clip skip SDXL" option (and then for CLIP-L):
+    without it a clip skip of 2, kept from SD1.5, changes nothing and must not be written into the file."""
+    from lib_train.webui.host import text_path_clip_skip
+
+    from .webui_standin_sdxl import make_sdxl_webui
+
+    webui = make_sdxl_webui(tmp_path / "Lora")
+    webui.shared.opts.CLIP_stop_at_last_layers = 2
+    assert text_path_clip_skip(webui) == 1
+    webui.shared.opts.sdxl_clip_l_skip = True
+    assert text_path_clip_skip(webui) == 2

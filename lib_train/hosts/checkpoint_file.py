@@ -11,10 +11,10 @@ from ..common.errors import CheckpointError
 from ..common.i18n import tr
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` checkpoint. No pickle is ever read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def checkpoint_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a ``.safetensors`` checkpoint, from its header only: what its family is told
+    from before the tensors (10-23 GB for SD3 or Flux) are read. No pickle is ever read."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -23,31 +23,45 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(tr("{name}: only .safetensors checkpoints can be loaded (pickled .ckpt/.pt files can "
                                  "run code when opened). Convert it to safetensors first.", name=path.name))
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            header = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(tr("{name} is not a readable safetensors file: {error}", name=path.name, error=error)) from None
-    if not any(key.startswith("model.diffusion_model.") for key in state):
+    if not any(key.startswith("model.diffusion_model.") for key in header):
         raise CheckpointError(tr("{name} has no UNet weights in the LDM layout (model.diffusion_model.*); diffusers "
                                  "folders and LoRA files are not checkpoints.", name=path.name))
-    return state
+    return header
 
 
-def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
-    """"sd1", "sd2", "sdxl", or a description of a model Train Tools cannot train, as the WebUI tells them apart."""
-    if any(key.startswith("conditioner.") for key in state):
-        if "conditioner.embedders.0.model.ln_final.weight" in state:  # the refiner has only OpenCLIP bigG
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` checkpoint (checked as ``checkpoint_header`` checks it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    checkpoint_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(tr("{name} is not a readable safetensors file: {error}", name=Path(path).name,
+                                 error=error)) from None
+
+
+def checkpoint_family(header: dict[str, tuple[int, ...]]) -> str:
+    """"sd1", "sd2", "sdxl", or a description of a model Train Tools cannot train, as the WebUI tells them apart,
+    from the tensors' names and shapes (``checkpoint_header``)."""
+    unet_input = header.get("model.diffusion_model.input_blocks.0.0.weight")
+    latent_input = unet_input is None or unet_input[1] == 4  # inpainting and instruct-pix2pix take 9 and 8
+    if any(key.startswith("conditioner.") for key in header):
+        if "conditioner.embedders.0.model.ln_final.weight" in header:  # the refiner has only OpenCLIP bigG
             return tr("an SDXL refiner")
-        unet_input = state.get("model.diffusion_model.input_blocks.0.0.weight")
-        if unet_input is not None and unet_input.shape[1] != 4:
-            return tr("an SDXL inpainting model")
-        return "sdxl"
-    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in state):
-        return "SD3"
-    if any(key.startswith("model.diffusion_model.double_blocks.") for key in state):
-        return "Flux"
-    if any(key.startswith("cond_stage_model.model.") for key in state):
+        return "sdxl" if latent_input else tr("an SDXL inpainting model")
+    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in header):
+        return tr("an SD3")
+    if any(key.startswith("model.diffusion_model.double_blocks.") for key in header):
+        return tr("a Flux")
+    if any(key.startswith("cond_stage_model.model.") for key in header):
         return "sd2"
-    return "sd1"
+    return "sd1" if latent_input else tr("an SD1.x inpainting or instruct-pix2pix")
 
 
 def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], file_name: str, family_label: str,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..common.errors import CheckpointError
 from ..common.i18n import tr
-from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint, rebuild_position_ids
+from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, checkpoint_header, read_checkpoint, rebuild_position_ids
 
 # configs/v1-inference.yaml of the WebUI, unet_config / first_stage_config params.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -98,11 +98,12 @@ def load_sd1_checkpoint(path: str | Path, unet_config: dict = SD15_UNET, vae_con
 
     The configs default to SD1.5's; tests pass the tiny ones."""
     path = Path(path)
-    state = read_checkpoint(path)
-    family = checkpoint_family(state)
+    header = checkpoint_header(path)
+    family = checkpoint_family(header)
     if family != "sd1":
         label = {"sdxl": tr("an SDXL"), "sd2": tr("an SD2.x")}.get(family, family)
-        raise CheckpointError(tr("{name} is {label} checkpoint, not SD1.x.", name=path.name, label=label))
+        raise CheckpointError(tr("{name} is {label} checkpoint, not SD1.x text-to-image.", name=path.name, label=label))
+    state = read_checkpoint(path)
     with torch.device("meta"):
         model = build_sd1(unet_config, vae_config, text_config)
     adopt_weights(model, state, path.name, "SD1.x", {"cond_stage_model.transformer.text_model.embeddings.position_ids"})

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..common.errors import CheckpointError
 from ..common.i18n import tr
-from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint
+from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, checkpoint_header, read_checkpoint
 from .openclip_text import H14_TEXT, OPENCLIP_LAYER_SKIP, OpenCLIPText, causal_mask
 from .protocol import PredictionType
 from .sd1 import SD15_VAE, TINY_VAE, randomise_zero_weights
@@ -91,17 +91,18 @@ def load_sd2_checkpoint(path: str | Path, unet_config: dict = SD2_UNET, vae_conf
     """Load an SD2.x ``.safetensors`` checkpoint (512 base, 768-v and their fine-tunes) in the original LDM layout,
     its transformer projections Linear or 1×1 convolutions as the file has them."""
     path = Path(path)
-    state = read_checkpoint(path)
-    family = checkpoint_family(state)
+    header = checkpoint_header(path)
+    family = checkpoint_family(header)
     if family != "sd2":
         label = {"sd1": tr("an SD1.x"), "sdxl": tr("an SDXL")}.get(family, family)
         raise CheckpointError(tr("{name} is {label} checkpoint, not SD2.x.", name=path.name, label=label))
-    unet_input = state.get("model.diffusion_model.input_blocks.0.0.weight")
-    if unet_input is not None and unet_input.shape[1] != unet_config["in_channels"]:
+    unet_input = header.get("model.diffusion_model.input_blocks.0.0.weight")
+    if unet_input is not None and unet_input[1] != unet_config["in_channels"]:
         raise CheckpointError(tr("{name} is an SD2 inpainting or depth model ({channels} input channels); LoRA is "
-                                 "trained on the text-to-image models.", name=path.name, channels=unet_input.shape[1]))
-    projection = state.get("model.diffusion_model.input_blocks.1.1.proj_in.weight")
-    linear = projection is None or projection.dim() == 2
+                                 "trained on the text-to-image models.", name=path.name, channels=unet_input[1]))
+    projection = header.get("model.diffusion_model.input_blocks.1.1.proj_in.weight")
+    linear = projection is None or len(projection) == 2
+    state = read_checkpoint(path)
     with torch.device("meta"):
         model = build_sd2(dict(unet_config, use_linear_in_transformer=linear), vae_config, text_config)
     adopt_weights(model, state, path.name, "SD2.x", set(_UNREAD_TEXT_PARTS))
@@ -130,3 +131,17 @@ def checkpoint_prediction_type(path: str | Path) -> PredictionType | None:
         raise CheckpointError(tr("{name} is not a readable model config: {error}", name=config_path.name,
                                  error=error)) from None
     return PredictionType.V if parameterization == "v" else PredictionType.EPSILON
+
+
+def unet_prediction_type(unet: nn.Module) -> PredictionType:
+    """The prediction type of an SD2 UNet whose checkpoint has no config beside it, decided as the WebUI decides it
+    (so it loads v2-1_768-ema-pruned.safetensors alone as v): one float32 call on a constant latent of 0.5 at the
+    last timestep with a constant text of 0.5; a v-prediction UNet answers far below its input there (on average
+    by more than 1), an epsilon one does not."""
+    context_dim = next(m.in_features for name, m in unet.named_modules() if name.endswith("attn2.to_k"))
+    device = next(unet.parameters()).device
+    with torch.no_grad():
+        latent = torch.full((1, 4, 8, 8), 0.5, device=device)
+        text = torch.full((1, 2, context_dim), 0.5, device=device)
+        answer = unet(latent, torch.tensor([999], device=device), context=text)
+    return PredictionType.V if (answer.float() - latent).mean().item() < -1 else PredictionType.EPSILON

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..common.errors import CheckpointError
 from ..common.i18n import tr
-from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, read_checkpoint, rebuild_position_ids
+from .checkpoint_file import adopt_weights, check_nothing_left_on_meta, checkpoint_family, checkpoint_header, read_checkpoint, rebuild_position_ids
 from .openclip_text import BIGG_TEXT, OpenCLIPText, causal_mask
 from .sd1 import SD15_TEXT, SD15_VAE, TINY_VAE, randomise_zero_weights
 
@@ -124,11 +124,12 @@ def load_sdxl_checkpoint(path: str | Path, unet_config: dict = SDXL_UNET, vae_co
     and text encoders in ``dtype`` (cast straight from the file: no float32 copy of 3.5 B weights on the way), the
     VAE in float32."""
     path = Path(path)
-    state = read_checkpoint(path)
-    family = checkpoint_family(state)
+    header = checkpoint_header(path)
+    family = checkpoint_family(header)
     if family != "sdxl":
         label = {"sd1": tr("an SD1.x"), "sd2": tr("an SD2.x")}.get(family, family)
         raise CheckpointError(tr("{name} is {label} checkpoint, not an SDXL base model.", name=path.name, label=label))
+    state = read_checkpoint(path)
     with torch.device("meta"):
         model = build_sdxl(unet_config, vae_config, text1_config, text2_config, size_embedding_dim)
     adopt_weights(model, state, path.name, "SDXL",

@@ -69,6 +69,12 @@ def model_family(sd_model) -> ModelFamily:
                                  "and their fine-tunes). Load one of those first.", conditioning=conditioning))
         return ModelFamily.SD2
     if getattr(sd_model, "is_sd1", False):
+        # SD1.5 inpainting and instruct-pix2pix take the (masked) picture beside the latent ("hybrid").
+        conditioning = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+        if conditioning != "crossattn":
+            raise ConfigError(tr("The loaded model is an SD1.x inpainting or instruct-pix2pix checkpoint ({conditioning} "
+                                 "conditioning); Train Tools trains on the SD1.x text-to-image models. Load one of "
+                                 "those first.", conditioning=conditioning))
         return ModelFamily.SD1
     kind = "SD3" if getattr(sd_model, "is_sd3", False) else type(sd_model).__name__
     raise ConfigError(tr("Train Tools trains on SD1.x, SD2.x and SDXL checkpoints; the loaded model is {kind}. "
@@ -89,10 +95,14 @@ def webui_host(webui: WebUI, **kwargs) -> "WebUIHost":
 
 def text_path_clip_skip(webui: WebUI) -> int:
     """The clip skip the WebUI's text path applies to the loaded model: its option, except on SD2, whose OpenCLIP
-    layer is the model config's choice (the WebUI reads no option there)."""
-    if getattr(webui.shared.sd_model, "is_sd2", False):
+    layer is the model config's choice (the WebUI reads no option there), and on SDXL, whose CLIP-L reads it only
+    with the "Clip skip SDXL" option (``sdxl_clip_l_skip``; bigG never)."""
+    sd_model, opts = webui.shared.sd_model, webui.shared.opts
+    if getattr(sd_model, "is_sd2", False):
         return 1
-    return int(getattr(webui.shared.opts, "CLIP_stop_at_last_layers", 1))
+    if getattr(sd_model, "is_sdxl", False) and getattr(opts, "sdxl_clip_l_skip", False) is not True:
+        return 1
+    return int(getattr(opts, "CLIP_stop_at_last_layers", 1))
 
 
 class WebUIHost:
