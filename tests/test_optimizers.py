@@ -25,15 +25,17 @@ from .conftest import make_concept_images, tiny_config
 from .test_training import eval_loss, full_fingerprint
 
 # (UNet lr, text-encoder lr, optimizer arguments, epochs of 4 steps). Lion takes a smaller rate than AdamW, as its
-# authors advise. The adaptive ones start from d0=1e-6: Prodigy needs ~60 steps to find its rate on this model without
-# bias correction and warmup safeguard (its training defaults hold d at d0 longer than a test runs); D-Adaptation
-# starts from d0=1e-4, as its authors advise when d stays small (from 1e-6 it overshoots here before settling).
+# authors advise. The adaptive ones start from d0=1e-4, as their authors advise when d stays small (from the default
+# 1e-6 Prodigy needs ~60 steps to find its rate on this model, and then the rate it finds overshoots: the loss after 80
+# steps depended on the thread count and the seed, 0.74-1.02 of the start). Prodigy without bias correction and
+# warmup safeguard (its training defaults hold d at d0 longer than a test runs), at d_coef 0.3: the loss then falls
+# steadily to ~0.73 of the start in 80 steps for seeds 1-3.
 RECIPES = {
     "AdamW": (1e-2, 5e-3, {}, 6),
     "AdamW8bit": (1e-2, 5e-3, {}, 6),
     "Lion": (3e-3, 1.5e-3, {}, 6),
     "Lion8bit": (3e-3, 1.5e-3, {}, 6),
-    "Prodigy": (1.0, 1.0, {"use_bias_correction": False, "safeguard_warmup": False}, 20),
+    "Prodigy": (1.0, 1.0, {"use_bias_correction": False, "safeguard_warmup": False, "d0": 1e-4, "d_coef": 0.3}, 20),
     "DAdaptAdam": (1.0, 1.0, {"d0": 1e-4}, 15),
     "Adafactor": (1e-2, 5e-3, {}, 6),
     "AdamWScheduleFree": (1e-2, 5e-3, {}, 6),
