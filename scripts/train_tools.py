@@ -240,7 +240,7 @@ def on_app_started(demo, app) -> None:
         runner = jobs()
         try:
             family = str(body.get("family") or runner.loaded_family().value)
-            preset = runner.presets.save(str(body.get("name", "")), family, dict(body.get("settings") or {}))
+            preset = runner.presets.save(str(body.get("name", "")), family, body.get("settings", {}))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return preset.to_dict()
