@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import threading
 import time
 import traceback
@@ -366,8 +367,13 @@ class TrainingJobs:
 
     def suggested_sample_prompts(self, train_dir: str, trigger_words: str, count: int) -> str:
         """The prompt lines a run makes when none are written: the trigger words with the frequent tags."""
+        try:
+            count = int(count)
+        except (TypeError, ValueError, OverflowError):  # an API body's sample_count may be anything
+            raise ConfigError(tr("The number of sample prompts must be a whole number, not {count!r}.",
+                                 count=count)) from None
         folder = self._checked_folder(train_dir)
-        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, int(count))))
+        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, count)))
         return "\n".join(prompt.as_line() for prompt in prompts)
 
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
@@ -632,6 +638,12 @@ class TrainingJobs:
 
     def pick(self, name: str, grid_folder: str | Path, x: float, y: float) -> PickedCell | None:
         """The cell under a click on one of this project's grids (no other folder is read)."""
+        try:
+            x, y = float(x), float(y)
+        except (TypeError, ValueError):  # an API body's x, y may be anything
+            x = y = math.nan
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ConfigError(tr("The point on the grid must be two numbers (x, y: a pixel of grid.png)."))
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
         folder = Path(grid_folder).resolve()
         if folder.parent != grids or not folder.is_dir():
