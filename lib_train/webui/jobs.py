@@ -507,7 +507,9 @@ class TrainingJobs:
         job = self.current
         if job is None or job.kind not in ("train", "continue") or job.state not in ("queued", "running"):
             raise ConfigError(tr("No training is running: Save now writes the network of a running training."))
-        self._save_now.request()
+        if not self._save_now.request():
+            raise ConfigError(tr("The training has already finished its steps: nothing more is saved now. Its saved "
+                                 "epoch files are what there is."))
         return job
 
     def prepare_in_background(self, config: TrainConfig) -> JobStatus:
