@@ -196,7 +196,7 @@ def on_app_started(demo, app) -> None:
         """Make a grid cell's epoch the LoRA's file: {name, grid_folder, x, y, delete_others?} (a pixel of grid.png)."""
         name = str(body.get("name", "")).strip()
         try:
-            picked = jobs().pick(name, str(body.get("grid_folder", "")), float(body.get("x", -1)), float(body.get("y", -1)))
+            picked = jobs().pick(name, str(body.get("grid_folder", "")), body.get("x", -1), body.get("y", -1))
             if picked is None:
                 raise HTTPException(status_code=400, detail=tr("No grid cell at that point."))
             result = jobs().choose(name, picked.file, picked.weight, picked.picture, bool(body.get("delete_others")))
@@ -222,7 +222,7 @@ def on_app_started(demo, app) -> None:
         """The sample prompt lines a run makes when none are written: {train_dir, trigger_words, sample_count}."""
         try:
             text = jobs().suggested_sample_prompts(str(body.get("train_dir", "")), str(body.get("trigger_words", "")),
-                                                   int(body.get("sample_count", 2)))
+                                                   body.get("sample_count", 2))
         except (TrainToolsError, ValueError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return {"sample_prompts": text}
@@ -240,7 +240,7 @@ def on_app_started(demo, app) -> None:
         runner = jobs()
         try:
             family = str(body.get("family") or runner.loaded_family().value)
-            preset = runner.presets.save(str(body.get("name", "")), family, dict(body.get("settings") or {}))
+            preset = runner.presets.save(str(body.get("name", "")), family, body.get("settings", {}))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return preset.to_dict()

@@ -5,6 +5,7 @@ that uses them."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,25 @@ def test_the_default_folder_is_the_projects_and_stop_keeps_the_finished_pictures
     job = jobs.run_class_pictures(jobs.begin(), request)
     assert job.state == "stopped" and len(job.saved_files) == 1
     assert sorted(p.name for p in request.subfolder.iterdir()) == ["0001_100.png", SEEDS_FILE]
+
+
+@pytest.mark.parametrize("damaged", [b'[{"file": "0001_100.png", "seed"', b'{"file": "0001_100.png"}', b"\xff\xfe"])
+def test_a_damaged_seeds_file_is_named_and_nothing_is_touched(tmp_path, damaged):
+    webui, jobs = live_webui(tmp_path)
+    request = jobs.prepare_class_pictures(request_values(tmp_path / "reg", width=64, height=64, count=1))
+    folder = request.subfolder
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "0001_100.png")
+    picture = (folder / "0001_100.png").read_bytes()
+    (folder / SEEDS_FILE).write_bytes(damaged)
+    expected = f"{folder / SEEDS_FILE} cannot be read as the list of class pictures"
+    with pytest.raises(ConfigError, match=re.escape(expected)) as refused:
+        jobs.prepare_class_pictures(request_values(tmp_path / "reg", width=64, height=64, count=1))
+    assert "move it out of the folder" in str(refused.value)
+    job = jobs.run_class_pictures(jobs.begin(), request)  # prepared before the file was damaged
+    assert job.state == "failed" and expected in job.error and "JSONDecodeError" not in job.error
+    assert sorted(p.name for p in folder.iterdir()) == ["0001_100.png", SEEDS_FILE]
+    assert (folder / "0001_100.png").read_bytes() == picture and (folder / SEEDS_FILE).read_bytes() == damaged
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -201,6 +201,29 @@ def test_failure_inside_training_is_reported_and_restored(live, monkeypatch):
     assert "attention:user" in webui.events and not (tmp_path / "models" / "Lora" / "live").exists()
 
 
+def test_an_attention_switch_that_fails_half_way_still_gets_the_users_attention_back(live):
+    """The switch to the training's attention replaces class forwards one by one: one failing after the first has
+    been replaced must not leave the WebUI on it."""
+    webui, _, _ = live
+    cls = type(webui.shared.sd_model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1)
+    forward = cls.__dict__["forward"]
+
+    def failing_switch(option=None):
+        webui.events.append(f"attention:{option}")
+        cls.forward = lambda self, *args, **kwargs: None  # the first class switched, then it fails
+        raise RuntimeError("xformers is not installed")
+
+    webui.sd_hijack.apply_optimizations = failing_switch
+    try:
+        with pytest.raises(RuntimeError, match="xformers"):
+            with WebUIHost(webui).training_session():
+                pass
+        assert cls.__dict__["forward"] is forward
+        assert webui.events[-3:] == ["attention:sdp - scaled dot product", "attention:user", "gc"]
+    finally:
+        cls.forward = forward  # the other tests' model, whatever happened here
+
+
 def test_api_can_skip_unusable_files(live):
     """The API's "skip_unusable_files" trains on the other pictures and lists what it left out."""
     webui, jobs, tmp_path = live

@@ -93,6 +93,9 @@ def test_users_presets_are_saved_listed_and_refused_like_a_training(tmp_path):
         store.save("bad", "sd9", {"rank": 8})
     with pytest.raises(TrainToolsError, match="cannot be used"):
         store.save("../escape", "sd1", {"rank": 8})
+    for not_a_mapping in (["rank", 8], "rank=8", 8, None):  # an API body's "settings" may be anything
+        with pytest.raises(ConfigError, match=f"mapping of setting names to values, not {type(not_a_mapping).__name__}"):
+            store.save("bad", "sd1", not_a_mapping)
     assert sorted(p.name for p in (tmp_path / "presets").iterdir()) == ["我的角色.json"]
 
     (tmp_path / "presets" / "damaged.json").write_text("{not json", encoding="utf-8")

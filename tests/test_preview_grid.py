@@ -179,6 +179,9 @@ def test_grid_layout_labels_and_click_to_choose(trained):
     assert torch.equal(layer.weight, layer.network_weights_backup) and layer.network_current_names == ()
     with pytest.raises(ConfigError, match="not one of the preview grids"):
         jobs.pick("gridlora", root / "elsewhere", 10, 10)
+    for x, y in (("left", 10), ([1], 10), (None, 10), (float("inf"), top + 1)):  # an API body's x, y may be anything
+        with pytest.raises(ConfigError, match="The point on the grid must be two numbers"):
+            jobs.pick("gridlora", request.out_dir, x, y)
     assert result.chosen.is_final and not result.copied
     assert json.loads(result.sidecar_path.read_text("utf-8"))["preferred weight"] == 0.5
     assert result.preview_path == lora_folder / "gridlora.preview.png" and result.preview_path.exists()

@@ -256,6 +256,24 @@ def test_train_longer_keeps_the_old_final_as_its_epoch_file(tmp_path, data):
         assert moved.metadata()["ss_output_name"] == "tiny-000002" and moved.metadata()["ss_epoch"] == "2"
 
 
+@pytest.mark.parametrize("in_the_way", ["tiny-000002.json", "tiny-000002.safetensors"])
+def test_train_longer_with_the_epoch_name_taken_refuses_before_touching_anything(tmp_path, data, in_the_way):
+    """The old final becomes tiny-000002 (file and card): a file of that name left in the folder stops the run before
+    any file is written or removed, named, and the run goes on once it is moved away."""
+    train_lora(fresh_host(), settings(tmp_path, "run", epochs=2))
+    out = tmp_path / "run"
+    (out / in_the_way).write_bytes(b"the user's file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputError, match=f"{in_the_way} already exists in {out}.*move it away"):
+        train_lora(fresh_host(), settings(tmp_path, "run", epochs=3), resume=True, accept_changes=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing removed
+    (out / in_the_way).unlink()
+    longer = train_lora(fresh_host(), settings(tmp_path, "run", epochs=3), resume=True, accept_changes=True)
+    assert [p.name for p in longer.saved_files] == ["tiny.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-000001.json", "tiny-000001.safetensors", "tiny-000002.json",
+                                                     "tiny-000002.safetensors", "tiny.json", "tiny.safetensors"]
+
+
 def test_a_state_reads_back_under_the_webuis_torch_load(tmp_path, data, monkeypatch):
     """The WebUI replaces torch.load with a pickle check that refuses torch 2's archives (their .format_version
     entry) and returns None; the state is read with torch's own weights-only loader, which needs no such check."""

@@ -152,6 +152,30 @@ def test_save_now_while_the_training_runs_in_the_background(root):
     assert len(job.saved_files) == 4  # 3 epochs + the extra file
 
 
+def test_save_now_after_the_last_step_is_written_and_after_the_run_is_refused_clearly(root):
+    """A click during the last epoch's saving (after its last step) still writes name-stepNNNNNN; one after the
+    run finished its steps, while the job is still winding up, says so instead of being silently dropped."""
+    jobs = runner(root)
+    track, refused = jobs._track, []
+
+    def ask_late(job, progress):
+        track(job, progress)
+        if progress.phase == "saving" and progress.epoch == 3:
+            jobs.save_now()
+        if progress.phase == "done":
+            with pytest.raises(ConfigError) as error:
+                jobs.save_now()
+            refused.append(str(error.value))
+    jobs._track = ask_late
+    job = jobs.run(jobs.begin(), jobs.prepare(settings(root / "pictures")))
+    assert job.state == "done", job.error
+    folder = root / "models" / "Lora" / "live"
+    extra = folder / f"live-step{job.total_steps:06d}.safetensors"
+    assert str(extra) in job.saved_files and len(job.saved_files) == 4  # 3 epochs + the extra file
+    assert tensors(extra) == tensors(folder / "live.safetensors")  # the network after the last step
+    assert refused and "already finished its steps" in refused[0] and "epoch files" in refused[0]
+
+
 def write_epoch(folder: Path, stem: str, epoch: int, loss: float | None) -> None:
     metadata = {"ss_epoch": str(epoch), "ss_session_id": "1", "ss_output_name": stem}
     if loss is not None:

@@ -222,6 +222,9 @@ def test_the_tab_writes_the_prompts_a_run_would_make(tmp_path):
     assert text.splitlines() == ["ttconcept, red circle, grey 0, grey 1, grey 2, grey 3"] * 2
     with pytest.raises(ConfigError, match="Choose the training folder first"):
         jobs.suggested_sample_prompts("", "ttconcept", 2)
+    for count in ("two", [2], None):  # an API body's sample_count may be anything
+        with pytest.raises(ConfigError, match="The number of sample prompts must be a whole number"):
+            jobs.suggested_sample_prompts(str(tmp_path / "pictures"), "ttconcept", count)
 
 
 def test_bad_sample_and_regularization_settings_are_refused_before_the_run(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ..common.errors import ConfigError
@@ -87,6 +88,9 @@ BUILTIN: tuple[Preset, ...] = (
 def check_settings(settings: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
     """The preset settings as TrainConfig reads them (numbers converted), refused like a training would be: on the
     defaults of the preset's family, which applying it gives the settings it leaves out (SDXL: buckets 512-2048)."""
+    if not isinstance(settings, Mapping):  # an API body's "settings" may be a list or a string
+        raise ConfigError(tr("A preset's settings must be a mapping of setting names to values, not {kind}.",
+                             kind=type(settings).__name__))
     outside = sorted(set(settings) & NOT_IN_PRESETS)
     if outside:
         raise ConfigError(tr("A preset holds training settings only, not {keys}.", keys=", ".join(outside)))

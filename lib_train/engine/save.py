@@ -117,10 +117,20 @@ def keep_final_as_epoch(folder: Path, name: str, epoch: int, session_id: int) ->
     if metadata.get("ss_session_id") != str(session_id) or metadata.get("ss_epoch") != str(epoch):
         return None
     target = folder / f"{name}-{epoch:06d}.safetensors"
+    card, target_card = final.with_suffix(".json"), target.with_suffix(".json")
+    # Checked before anything is written: a name taken half-way would leave the final copied and not moved.
+    for taken in (target, target_card):
+        if taken.exists():
+            raise OutputError(tr("{name} already exists in {parent}: the finished run's final file {final} becomes "
+                                 "that epoch's file when training longer. Nothing was changed; move it away (or "
+                                 "delete it) and continue again.", name=taken.name, parent=folder, final=final.name))
     copy_lora_as(final, target, metadata, overwrite=False)
-    card = final.with_suffix(".json")
     if card.exists():
-        write_atomically(target.with_suffix(".json"), card.read_bytes(), overwrite=False)
+        try:
+            write_atomically(target_card, card.read_bytes(), overwrite=False)
+        except BaseException:
+            target.unlink(missing_ok=True)  # the final stays as it was, with its card
+            raise
         card.unlink()
     final.unlink()
     return target

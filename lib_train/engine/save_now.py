@@ -7,17 +7,32 @@ import threading
 
 
 class SaveNow:
-    """A request that the loop takes after its next optimizer step (several clicks before it are one save)."""
+    """A request that the loop takes after its next optimizer step (several clicks before it are one save). A
+    request left when the last step is done is taken once more after the loop (``close``); after that, requests are
+    refused, so a click is never silently dropped."""
 
     def __init__(self) -> None:
-        self._requested = threading.Event()
+        self._lock = threading.Lock()
+        self._requested = False
+        self._closed = False
 
-    def request(self) -> None:
-        self._requested.set()
+    def request(self) -> bool:
+        """False when the training has closed it (its steps are done): nothing will be written."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._requested = True
+            return True
 
     def take(self) -> bool:
         """True once per request."""
-        if not self._requested.is_set():
-            return False
-        self._requested.clear()
-        return True
+        with self._lock:
+            requested, self._requested = self._requested, False
+            return requested
+
+    def close(self) -> bool:
+        """No more requests; True when one was still waiting (the caller writes it now)."""
+        with self._lock:
+            self._closed = True
+            requested, self._requested = self._requested, False
+            return requested

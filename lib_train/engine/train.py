@@ -118,9 +118,15 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
                     _save_training_state(host, config, run, dataset, facts, epoch, result)
                 if samples is not None:
                     samples.after_epoch(host, run, epoch, result.steps, result.total_steps)
+            # A click after the last step (during the last epoch's validation, saving or samples) is written now;
+            # later ones are refused (``SaveNow.close``).
+            if save_now is not None and save_now.close():
+                _save_now(host, config, plan, facts, run, config.epochs, result, goes_on=False)
         except StopRequested:
             result.stopped = True
         finally:
+            if save_now is not None:
+                save_now.close()
             # Tracebacks keep frames alive: drop the big objects so their memory (VRAM) is given back.
             run = data = None  # noqa: F841
 
@@ -186,20 +192,22 @@ def _save_training_state(host: TrainingHost, config: TrainConfig, run: Run, data
 
 
 def _save_now(host: TrainingHost, config: TrainConfig, plan: OutputPlan, facts: RunFacts, run: Run, epoch: int,
-              result: TrainResult) -> None:
+              result: TrainResult, goes_on: bool = True) -> None:
     """The network after this step as an extra file; a file that cannot be written is reported, and the training
-    goes on."""
+    goes on (``goes_on`` False: after the last step, where the messages say nothing of going on)."""
     path = plan.extra_path(result.steps)
     try:
         with evaluation_weights(run.optimizers):
             _write_file(config, path, path.with_suffix(".json"), facts, run, host, epoch, result.steps, None)
     except OutputError as error:
         host.report(Progress("saving", result.steps, result.total_steps, epoch, config.epochs,
-                             message=tr("Save now failed: {error} Training goes on.", error=error)))
+                             message=tr("Save now failed: {error} Training goes on.", error=error) if goes_on else
+                             tr("Save now failed: {error}", error=error)))
         return
     result.saved_files.append(path)
     host.report(Progress("saved", result.steps, result.total_steps, epoch, config.epochs,
-                         message=tr("Saved {name} (step {step}); training goes on.", name=path.name, step=result.steps),
+                         message=tr("Saved {name} (step {step}); training goes on.", name=path.name, step=result.steps)
+                         if goes_on else tr("Saved {name} (step {step}, the last).", name=path.name, step=result.steps),
                          saved_files=[str(path)]))
 
 

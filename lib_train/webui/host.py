@@ -160,8 +160,9 @@ class WebUIHost:
         # SDXL VAE then decodes slightly differently): every class-level forward of the model is put back as it was.
         classes = {type(module) for module in self.sd_model.modules()}
         forwards = {cls: cls.__dict__.get("forward") for cls in classes}
-        self.webui.sd_hijack.apply_optimizations(TRAINING_ATTENTION)
         try:
+            # Inside: a switch that fails half-way (some forwards replaced) is undone like a finished one.
+            self.webui.sd_hijack.apply_optimizations(TRAINING_ATTENTION)
             yield
         finally:
             self.webui.sd_hijack.model_hijack.apply_optimizations()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import threading
 import time
 import traceback
@@ -366,8 +367,13 @@ class TrainingJobs:
 
     def suggested_sample_prompts(self, train_dir: str, trigger_words: str, count: int) -> str:
         """The prompt lines a run makes when none are written: the trigger words with the frequent tags."""
+        try:
+            count = int(count)
+        except (TypeError, ValueError, OverflowError):  # an API body's sample_count may be anything
+            raise ConfigError(tr("The number of sample prompts must be a whole number, not {count!r}.",
+                                 count=count)) from None
         folder = self._checked_folder(train_dir)
-        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, int(count))))
+        prompts = made_prompts(trigger_words, folder_tag_counts(folder), max(1, min(16, count)))
         return "\n".join(prompt.as_line() for prompt in prompts)
 
     def _training_host(self, job: JobStatus, config: TrainConfig) -> WebUIHost:
@@ -501,7 +507,9 @@ class TrainingJobs:
         job = self.current
         if job is None or job.kind not in ("train", "continue") or job.state not in ("queued", "running"):
             raise ConfigError(tr("No training is running: Save now writes the network of a running training."))
-        self._save_now.request()
+        if not self._save_now.request():
+            raise ConfigError(tr("The training has already finished its steps: nothing more is saved now. Its saved "
+                                 "epoch files are what there is."))
         return job
 
     def prepare_in_background(self, config: TrainConfig) -> JobStatus:
@@ -632,6 +640,12 @@ class TrainingJobs:
 
     def pick(self, name: str, grid_folder: str | Path, x: float, y: float) -> PickedCell | None:
         """The cell under a click on one of this project's grids (no other folder is read)."""
+        try:
+            x, y = float(x), float(y)
+        except (TypeError, ValueError):  # an API body's x, y may be anything
+            x = y = math.nan
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ConfigError(tr("The point on the grid must be two numbers (x, y: a pixel of grid.png)."))
         grids = ProjectFolders.for_name(self.folders.projects_dir, name).grids.resolve()
         folder = Path(grid_folder).resolve()
         if folder.parent != grids or not folder.is_dir():

@@ -136,11 +136,29 @@ class ClassPicturesRequest:
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise ConfigError(tr("CFG scale of the class pictures must be 0 or more (got {cfg_scale}).",
                                  cfg_scale=self.cfg_scale))
+        read_seed_records(self.subfolder / SEEDS_FILE)  # refused before the job, not after the first picture
         return self
 
     @property
     def subfolder(self) -> Path:
         return self.folder / f"{self.repeats}_{self.class_prompt}"
+
+
+def read_seed_records(path: Path) -> list:
+    """The seeds file's list of pictures ([] when there is none); a damaged one is named, and neither it nor the
+    pictures are touched."""
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as error:
+        records = error
+    if not isinstance(records, list):
+        raise ConfigError(tr("{path} cannot be read as the list of class pictures (it is damaged: {error}). Your "
+                             "pictures are not touched: move it out of the folder (or delete it) and make the class "
+                             "pictures again, and a new list is started.", path=path,
+                             error=records if isinstance(records, Exception) else tr("not a list")))
+    return records
 
 
 @dataclass
@@ -157,7 +175,7 @@ def generate_class_pictures(webui: WebUI, host: WebUIHost, request: ClassPicture
     out = request.subfolder
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / SEEDS_FILE
-    records = json.loads(record_path.read_text("utf-8")) if record_path.is_file() else []
+    records = read_seed_records(record_path)
     first = 1 + max((int(p.stem.split("_")[0]) for p in out.glob("*.png") if p.stem.split("_")[0].isdigit()), default=0)
     result = ClassPicturesResult(request.folder)
     settings = {k: v for k, v in asdict(request).items() if k not in ("folder", "count", "seed")}
