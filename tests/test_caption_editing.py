@@ -278,6 +278,19 @@ def test_images_sharing_a_caption_file_are_refused(tmp_path):
     assert caption_on_disk(folders, "a") == CAPTIONS["a"]
 
 
+def test_the_shared_caption_reason_comes_out_in_chinese(tmp_path):
+    from lib_train.common import i18n
+
+    folders = make_project(tmp_path)
+    Image.new("RGB", (16, 16)).save(folders.pictures / "a.jpg")
+    i18n.set_language(i18n.CHINESE)
+    try:
+        reason = CaptionSet.load(folders.pictures).refused["a.png"]
+    finally:
+        i18n.set_language(i18n.ENGLISH)
+    assert "a.txt" in reason and "a.jpg" in reason and any("\u4e00" <= c <= "\u9fff" for c in reason)
+
+
 def test_save_keeps_utf8_and_the_lines_training_ignores(tmp_path):
     folders = make_project(tmp_path, {"a": "x"})
     (folders.pictures / "a.txt").write_bytes("\ufeff长发, café, x\nsecond line\n".encode("utf-8"))

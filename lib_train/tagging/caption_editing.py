@@ -92,8 +92,8 @@ class CaptionSet:
             if len(keys) > 1:
                 # Editing one would silently change the other's caption too.
                 for key in keys:
-                    refused[key] = (f"Images {' and '.join(keys)} share the caption file {caption_path}; "
-                                    f"rename one so that each has its own caption.")
+                    refused[key] = tr("Images {names} share the caption file {caption_path}; rename one so that "
+                                      "each has its own caption.", names=" and ".join(keys), caption_path=caption_path)
                 continue
             try:
                 captions[keys[0]] = _read_caption_file(caption_path)
