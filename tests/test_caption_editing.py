@@ -291,6 +291,16 @@ def test_the_shared_caption_reason_comes_out_in_chinese(tmp_path):
     assert "a.txt" in reason and "a.jpg" in reason and any("\u4e00" <= c <= "\u9fff" for c in reason)
 
 
+def test_a_caption_with_a_long_unicode_name_is_saved(tmp_path):
+    stem = "长" * 82  # 246 bytes: the picture and its caption are legal names, a temporary name built on them is not
+    folders = make_project(tmp_path, {stem: "ttchar, smile"})
+    captions = CaptionSet.load(folders.pictures)
+    captions.remove_tag("smile")
+    captions.save()
+    assert caption_on_disk(folders, stem) == "ttchar"
+    assert sorted(p.name for p in folders.pictures.iterdir()) == [f"{stem}.png", f"{stem}.txt"]
+
+
 def test_save_keeps_utf8_and_the_lines_training_ignores(tmp_path):
     folders = make_project(tmp_path, {"a": "x"})
     (folders.pictures / "a.txt").write_bytes("\ufeff长发, café, x\nsecond line\n".encode("utf-8"))

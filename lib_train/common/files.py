@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import secrets
 from pathlib import Path
 
 from PIL import Image
@@ -37,9 +38,11 @@ def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
     """Nobody ever sees a half-written file: the WebUI lists ``*.safetensors`` and the temporary
     name does not end so. Without ``overwrite`` an existing file is never replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The name is cut short: a file of up to 255 bytes must not need a longer temporary one.
+    temporary = path.with_name(f".{path.name[:48]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    handle = open(temporary, "xb")  # exclusive: never another writer's file, which the cleanup would delete
     try:
-        with open(temporary, "wb") as handle:
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
