@@ -47,6 +47,13 @@ def test_bucket_resolutions_square_is_floored_to_step():
     assert (576, 576) in make_bucket_resolutions(600, 256, 1024, 64)
 
 
+def test_limits_off_the_step_are_moved_onto_it_as_kohya_does():
+    # kohya's adjust_min_max_bucket_reso_by_steps: the minimum down to a multiple of the step, the maximum up.
+    resolutions = make_bucket_resolutions(512, 300, 1000, 64)
+    assert resolutions == make_bucket_resolutions(512, 256, 1024, 64) == SD15_BUCKETS
+    assert make_bucket_resolutions(512, 200, 1030, 64) == make_bucket_resolutions(512, 192, 1088, 64)
+
+
 @pytest.mark.parametrize(
     ("size", "bucket", "resized", "error"),
     [

@@ -25,7 +25,13 @@ class BucketChoice:
 
 
 def make_bucket_resolutions(resolution: int, min_reso: int, max_reso: int, step: int) -> list[Size]:
-    """All buckets of about resolution² pixels with sides in [min_reso, max_reso], multiples of step."""
+    """All buckets of about resolution² pixels with sides in [min_reso, max_reso], multiples of step.
+
+    Limits off the step are moved onto it first, the minimum down and the maximum up (kohya's
+    `adjust_min_max_bucket_reso_by_steps`): else a side such as 300 or 1000 would make buckets off the step.
+    """
+    min_reso -= min_reso % step
+    max_reso += -max_reso % step
     area = resolution * resolution
     square = math.isqrt(area) // step * step
     resolutions = {(square, square)}
