@@ -75,6 +75,25 @@ def test_folder_import_keeps_originals_byte_identical_and_copies_captions(tmp_pa
     assert (project.pictures / "b.txt").read_bytes() == "ttconcept, blue, café".encode("utf-8")
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "umask") or __import__("os").name == "nt",
+                    reason="POSIX permissions")
+def test_imported_files_get_the_permissions_of_any_new_file(tmp_path: Path, project) -> None:
+    # A private temporary file (mode 600) that is then given its name would hide the project from the other
+    # accounts that read it (a Docker volume, a shared server, kohya run as another user).
+    shoot = tmp_path / "shoot"
+    _picture(shoot / "a.png")
+    (shoot / "a.txt").write_text("red", encoding="utf-8")
+    with open(tmp_path / "plain", "wb"):
+        pass
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    import_pictures([shoot], project, PrepareOptions())
+    clean_in_project(project, SQUARE_128)
+    written = [p for p in project.root.rglob("*") if p.is_file()]
+    assert len(written) == 5  # original, its caption, picture, caption, picture_sources.json
+    assert {p.relative_to(project.root).as_posix(): p.stat().st_mode & 0o777 for p in written} == {
+        p.relative_to(project.root).as_posix(): expected for p in written}
+
+
 def test_damaged_files_are_reported_and_the_others_imported(tmp_path: Path, project) -> None:
     good = _picture(tmp_path / "in" / "good.png")
     empty = tmp_path / "in" / "empty.png"

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -522,10 +522,11 @@ def _copy_unpacking(source: _Source, out: BinaryIO) -> None:
 def _temporary_file(folder: Path, write: Callable[[BinaryIO], object]) -> Iterator[Path]:
     """A hidden temporary file in `folder` (the dataset scan skips dot-files) filled by `write`, removed on exit."""
     folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=folder, prefix=".import-", suffix=".tmp")
-    temporary = Path(name)
+    # Not tempfile.mkstemp: its file is private (mode 600), and the name it is linked to would keep that mode.
+    temporary = folder / f".import-{secrets.token_hex(8)}.tmp"
+    out = open(temporary, "xb")  # exclusive: never someone else's file, which the cleanup below would delete
     try:
-        with os.fdopen(handle, "wb") as out:
+        with out:
             write(out)
         yield temporary
     finally:
