@@ -299,3 +299,33 @@ def test_an_sd1_lora_on_a_loaded_sdxl_model_is_refused(trained):
     assert job.state == "failed"
     assert "gridlora is an SD1.x LoRA and the loaded model is SDXL" in job.error
     assert not (request.out_dir / "grid.png").exists()
+
+
+@pytest.mark.parametrize("delete_others", ["0", "no", 1, 0, [], {}, "yes please"])
+def test_delete_others_that_is_not_true_or_false_is_refused_and_deletes_nothing(trained, delete_others):
+    """An API body's delete_others is read strictly: the JSON string "false" (or "0") must not delete epochs."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    assert job.state == "done", job.error
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    before = sorted(p.name for p in lora_folder.iterdir())
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    with pytest.raises(ConfigError, match="delete_others must be true or false"):
+        jobs.choose("gridlora", picked.file, picked.weight, picked.picture, delete_others)
+    assert sorted(p.name for p in lora_folder.iterdir()) == before
+
+
+def test_delete_others_false_as_text_keeps_the_other_epochs(trained):
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    result = jobs.choose("gridlora", picked.file, picked.weight, picked.picture, " False ")
+    assert result.deleted == [] and (lora_folder / "gridlora-000001.safetensors").exists()
+
+
+def center_of_first_cell(grid_folder) -> tuple[float, float]:
+    from lib_train.preview.grid_image import GridLayout
+    layout = GridLayout.from_dict(json.loads((grid_folder / "grid.json").read_text("utf-8"))["layout"])
+    left, top, right, bottom = layout.cell_box(0, 0, 0)
+    return (left + right) / 2, (top + bottom) / 2

@@ -87,6 +87,16 @@ class JobStatus:
         return asdict(self)
 
 
+def read_flag(value: object, key: str) -> bool:
+    """A yes/no field of an API body, read strictly: true or false (also as text); missing (None) is false. A JSON
+    string "false" or "0" is truthy to ``bool()``, and a ``delete_others`` read that way deletes epoch files."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(tr("{key} must be true or false, got {value!r}.", key=key, value=value))
+
+
 def _holds_own_files(folder: Path) -> bool:
     """A Lora subfolder with ``<folder>.safetensors`` or its epoch files, found by name alone: the list is read
     at every page load, so no file is opened."""
@@ -494,9 +504,10 @@ class TrainingJobs:
                 tr("THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this."))
         return job
 
-    def run_in_background(self, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
+    def run_in_background(self, config: TrainConfig, resume: bool = False, accept_changes: object = False) -> JobStatus:
         """For the HTTP API: train (or continue) under the queue lock on a thread, registered with the WebUI's
-        progress."""
+        progress. ``accept_changes`` as an API body gives it (see ``read_flag``)."""
+        accept_changes = read_flag(accept_changes, "accept_changes")
         job = self.begin()
         job.kind = "continue" if resume else "train"
         self._in_background(job, lambda: self.run(job, config, resume, accept_changes))
@@ -653,10 +664,12 @@ class TrainingJobs:
                                  name=name))
         return cell_at(folder, x, y)
 
-    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
+    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: object = False) -> ChoiceResult:
         """Make a grid cell's epoch the LoRA's file, preview and preferred weight, then un-merge the built-in
         Lora's weights: it re-merges only when a prompt's (name, weight) changes, so a `<lora:name:w>` used
-        before would keep the replaced file's weights merged."""
+        before would keep the replaced file's weights merged. ``delete_others`` as an API body gives it (see
+        ``read_flag``)."""
+        delete_others = read_flag(delete_others, "delete_others")
         name = check_output_name(name)
         folder = self.folders.lora_dir / name
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
