@@ -238,6 +238,35 @@ def test_bad_grid_settings_are_refused_before_rendering(trained):
         jobs.prepare_grid(grid_values(name="nothing-here"))
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(steps="many"), "Setting 'steps' must be a whole number, got 'many'"),
+    (dict(steps=20.5), "Setting 'steps' must be a whole number, got 20.5"),
+    (dict(width=None), "Setting 'width' must be a whole number, got None"),
+    (dict(cfg_scale=True), "Setting 'cfg_scale' must be a number, got True"),
+    (dict(weights=[0.5, "lots"]), "'lots' in the weights is not a number"),
+    (dict(weights=[0.5, 0.5]), "0.5 appears twice in the weights"),
+    (dict(seeds=[True]), "'True' in the seeds is not a whole number"),
+    (dict(weights={"x": 1}), "in the weights is not a number"),
+    (dict(prompt=None), "Give the preview prompt"),
+    (dict(negative_prompt=None, prompt=" "), "Give the preview prompt"),
+])
+def test_bad_grid_values_from_the_api_are_named(trained, overrides, match):
+    """An API body may hold anything: each bad value gets a clear message (no TypeError, no silent rounding)."""
+    webui, jobs, root = trained
+    with pytest.raises(ConfigError, match=match):
+        jobs.prepare_grid(grid_values(**overrides))
+
+
+def test_api_grid_numbers_may_be_single_numbers_or_lists(trained):
+    webui, jobs, root = trained
+    request = jobs.prepare_grid(grid_values(weights=1, epochs=2, seeds=7, steps="4", cfg_scale=6))
+    assert request.spec.weights == [1.0] and [row.epoch for row in request.rows] == [2]
+    assert request.spec.seeds == [7] and request.spec.steps == 4 and request.spec.cfg_scale == 6.0
+    request = jobs.prepare_grid(grid_values(weights=[0.5, 1], epochs=[1, 2], seeds=[7, 8], third_axis="seed"))
+    assert request.spec.weights == [0.5, 1.0] and request.spec.seeds == [7, 8]
+    assert jobs.prepare_grid(grid_values(negative_prompt=None)).spec.negative_prompt == ""
+
+
 def test_grid_settings_take_the_values_the_tab_shows(trained):
     """The API accepts what the tab sends: epochs "all" (its default) or empty, third axis "none"."""
     webui, jobs, root = trained

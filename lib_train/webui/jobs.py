@@ -97,6 +97,22 @@ def read_flag(value: object, key: str) -> bool:
     raise ConfigError(tr("{key} must be true or false, got {value!r}.", key=key, value=value))
 
 
+def _setting_number(key: str, value: object, integers: bool) -> int | float:
+    """A number of an API body or the tab (text or a number): never a bool, nor a whole number rounded from 20.5."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+        if integers:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (ValueError, OverflowError):
+        kind = tr("a whole number") if integers else tr("a number")
+        raise ConfigError(tr("Setting '{key}' must be {kind}, got {value!r}.", key=key, kind=kind, value=value)) from None
+
+
 def _holds_own_files(folder: Path) -> bool:
     """A Lora subfolder with ``<folder>.safetensors`` or its epoch files, found by name alone: the list is read
     at every page load, so no file is opened."""
@@ -592,20 +608,28 @@ class TrainingJobs:
         ("0.4, 0.6, 1"), epochs as "all" (or nothing) for every epoch file, the third axis as "none"."""
         name = check_output_name(str(values.get("name", "")))
         third_axis = values.get("third_axis") or None
-        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": None if third_axis == "none" else third_axis}
+        given: dict = {"prompt": str(values.get("prompt") or ""), "third_axis": None if third_axis == "none" else third_axis}
         if isinstance(values.get("epochs"), str) and values["epochs"].strip().lower() == "all":
             values = dict(values, epochs="")
-        for key, convert in (("negative_prompt", str), ("sampler", str), ("steps", int), ("cfg_scale", float),
-                             ("width", int), ("height", int)):
+        for key in ("negative_prompt", "sampler"):
             if key in values:
-                given[key] = convert(values[key])
+                given[key] = str(values[key] or "")  # JSON null: empty, not the text "None"
+        for key, integers in (("steps", True), ("cfg_scale", False), ("width", True), ("height", True)):
+            if key in values:
+                given[key] = _setting_number(key, values[key], integers)
         for key, label, integers in (("seeds", tr("seeds"), True), ("weights", tr("weights"), False),
                                      ("cfg_values", tr("CFG scales"), False), ("epochs", tr("epochs"), True)):
             value = values.get(key)
+            # An API body may give a list or a single number: read as the tab's text, so each gets its checks.
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(str(item) for item in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
             if isinstance(value, str):
-                value = parse_number_list(value, label, integers) if value.strip() else []
-            if value is not None:
-                given[key] = list(value)
+                given[key] = parse_number_list(value, label, integers) if value.strip() else []
+            elif value is not None:
+                kind = tr("a whole number") if integers else tr("a number")
+                raise ConfigError(tr("'{part}' in the {label} is not {kind}.", part=value, label=label, kind=kind))
         given["epochs"] = given.get("epochs") or None  # none given: every epoch file
         spec = GridSpec(**given).validate()  # what is not given keeps GridSpec's defaults
         available = epoch_files(self.folders.lora_dir / name, name)
