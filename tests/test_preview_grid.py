@@ -358,3 +358,21 @@ def center_of_first_cell(grid_folder) -> tuple[float, float]:
     layout = GridLayout.from_dict(json.loads((grid_folder / "grid.json").read_text("utf-8"))["layout"])
     left, top, right, bottom = layout.cell_box(0, 0, 0)
     return (left + right) / 2, (top + bottom) / 2
+
+
+def test_choosing_while_a_job_runs_is_refused_before_any_file_changes(trained):
+    """A running job holds the queue lock that choosing needs to un-merge the Lora: the choice would write the files,
+    then hang until the job ends (an hour of training)."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    before = {p.name: p.read_bytes() for p in lora_folder.iterdir()}
+    running = jobs.begin()
+    running.kind = "train"
+    try:
+        with pytest.raises(ConfigError, match="A training is already running; stop it or wait for it to finish"):
+            jobs.choose("gridlora", picked.file, picked.weight, picked.picture, True)
+    finally:
+        running.state = "done"
+    assert {p.name: p.read_bytes() for p in lora_folder.iterdir()} == before

@@ -305,15 +305,18 @@ class TrainingJobs:
     def begin(self) -> JobStatus:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
-            if self.current is not None and self.current.state in ("queued", "running"):
-                what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
-                        "find-lr": tr("A learning-rate search"), "class-pictures": tr("A class-pictures job")
-                        }.get(self.current.kind, tr("A training"))
-                raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
+            self._refuse_while_running()
             self._stop.clear()
             self._save_now = SaveNow()  # a request left from the last job is not this one's
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
+
+    def _refuse_while_running(self) -> None:
+        if self.current is not None and self.current.state in ("queued", "running"):
+            what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
+                    "find-lr": tr("A learning-rate search"), "class-pictures": tr("A class-pictures job")
+                    }.get(self.current.kind, tr("A training"))
+            raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
 
     def run(self, job: JobStatus, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
         """Train on the live model, or with ``resume`` continue the project's saved run (``accept_changes``: even
@@ -694,6 +697,9 @@ class TrainingJobs:
         before would keep the replaced file's weights merged. ``delete_others`` as an API body gives it (see
         ``read_flag``)."""
         delete_others = read_flag(delete_others, "delete_others")
+        # The un-merge below needs the queue lock, which a running job holds: refused before any file is written,
+        # not written and then waiting for the job's end (the files may also be the running grid's rows).
+        self._refuse_while_running()
         name = check_output_name(name)
         folder = self.folders.lora_dir / name
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
