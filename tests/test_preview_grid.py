@@ -376,3 +376,20 @@ def test_choosing_while_a_job_runs_is_refused_before_any_file_changes(trained):
     finally:
         running.state = "done"
     assert {p.name: p.read_bytes() for p in lora_folder.iterdir()} == before
+
+
+def test_a_grid_without_its_index_or_cell_picture_is_named(trained):
+    """A grid folder left without grid.json (rendering cut short) or a deleted cell picture: a message, not a
+    FileNotFoundError (a 500 from the API)."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    (request.out_dir / "grid.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match="has no readable grid.json"):
+        jobs.pick("gridlora", request.out_dir, 10, 10)
+    (request.out_dir / "grid.json").unlink()
+    with pytest.raises(ConfigError, match="has no readable grid.json"):
+        jobs.pick("gridlora", request.out_dir, 10, 10)
+    picked.picture.unlink()
+    with pytest.raises(ConfigError, match="picture of that cell .* is missing"):
+        jobs.choose("gridlora", picked.file, picked.weight, picked.picture)

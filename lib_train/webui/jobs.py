@@ -689,7 +689,11 @@ class TrainingJobs:
         if folder.parent != grids or not folder.is_dir():
             raise ConfigError(tr("{grid_folder} is not one of the preview grids of {name}.", grid_folder=grid_folder,
                                  name=name))
-        return cell_at(folder, x, y)
+        try:
+            return cell_at(folder, x, y)
+        except (OSError, ValueError, KeyError, TypeError):  # cut short before its index, or the index edited
+            raise ConfigError(tr("The preview grid {grid_folder} has no readable grid.json: render the grid again.",
+                                 grid_folder=grid_folder)) from None
 
     def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: object = False) -> ChoiceResult:
         """Make a grid cell's epoch the LoRA's file, preview and preferred weight, then un-merge the built-in
@@ -705,6 +709,9 @@ class TrainingJobs:
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
         if epoch is None:
             raise ConfigError(tr("{file} is not a saved file of {name} any more.", file=file, name=name))
+        if not Path(picture).is_file():
+            raise ConfigError(tr("The picture of that cell ({picture}) is missing: render the grid again.",
+                                 picture=picture))
         with Image.open(picture) as cell:
             result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
         with self.webui.call_queue.queue_lock:
