@@ -122,7 +122,7 @@ def on_app_started(demo, app) -> None:
         settings = {key: value for key, value in body.items() if key != "accept_changes"}
         try:
             job = runner.run_in_background(runner.prepare_continue(settings), resume=True,
-                                           accept_changes=bool(body.get("accept_changes")))
+                                           accept_changes=body.get("accept_changes"))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return job.to_dict()
@@ -199,7 +199,7 @@ def on_app_started(demo, app) -> None:
             picked = jobs().pick(name, str(body.get("grid_folder", "")), body.get("x", -1), body.get("y", -1))
             if picked is None:
                 raise HTTPException(status_code=400, detail=tr("No grid cell at that point."))
-            result = jobs().choose(name, picked.file, picked.weight, picked.picture, bool(body.get("delete_others")))
+            result = jobs().choose(name, picked.file, picked.weight, picked.picture, body.get("delete_others"))
         except TrainToolsError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         return {"final": str(result.final_path), "epoch": result.chosen.epoch, "weight": result.weight,

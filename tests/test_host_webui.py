@@ -236,3 +236,25 @@ def test_api_can_skip_unusable_files(live):
     assert len(job.skipped_files) == 1 and "zero.png" in job.skipped_files[0] and "zero.png" in job.message
     assert job.to_dict()["skipped_files"] == job.skipped_files and job.model_restored is True
     assert (tmp_path / "pictures" / "2_concept" / "zero.png").read_bytes() == b""
+
+
+@pytest.mark.parametrize("flags, exposed", [
+    ({}, False),
+    ({"listen": True}, True),
+    ({"share": True}, True),
+    ({"server_name": "0.0.0.0"}, True),
+    ({"ngrok": "token"}, True),  # an ngrok tunnel puts the WebUI on the internet like --share
+    ({"ngrok": "token", "enable_insecure_extension_access": True}, False),
+    ({"listen": True, "enable_insecure_extension_access": True}, False),
+])
+def test_server_paths_are_confined_whenever_the_webui_confines_extensions(flags, exposed):
+    from types import SimpleNamespace
+
+    from lib_train.webui.path_policy import exposed_to_network
+    options = {"share": False, "listen": False, "server_name": None, "ngrok": None,
+               "enable_insecure_extension_access": False, **flags}
+    assert exposed_to_network(SimpleNamespace(**options)) is exposed
+    # The WebUI's own verdict, where it has one, is the one that counts.
+    assert exposed_to_network(SimpleNamespace(**options, disable_extension_access=True)) is True
+    options.pop("ngrok")  # a WebUI without --ngrok
+    assert exposed_to_network(SimpleNamespace(**options)) is (exposed and "ngrok" not in flags)

@@ -238,6 +238,35 @@ def test_bad_grid_settings_are_refused_before_rendering(trained):
         jobs.prepare_grid(grid_values(name="nothing-here"))
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(steps="many"), "Setting 'steps' must be a whole number, got 'many'"),
+    (dict(steps=20.5), "Setting 'steps' must be a whole number, got 20.5"),
+    (dict(width=None), "Setting 'width' must be a whole number, got None"),
+    (dict(cfg_scale=True), "Setting 'cfg_scale' must be a number, got True"),
+    (dict(weights=[0.5, "lots"]), "'lots' in the weights is not a number"),
+    (dict(weights=[0.5, 0.5]), "0.5 appears twice in the weights"),
+    (dict(seeds=[True]), "'True' in the seeds is not a whole number"),
+    (dict(weights={"x": 1}), "in the weights is not a number"),
+    (dict(prompt=None), "Give the preview prompt"),
+    (dict(negative_prompt=None, prompt=" "), "Give the preview prompt"),
+])
+def test_bad_grid_values_from_the_api_are_named(trained, overrides, match):
+    """An API body may hold anything: each bad value gets a clear message (no TypeError, no silent rounding)."""
+    webui, jobs, root = trained
+    with pytest.raises(ConfigError, match=match):
+        jobs.prepare_grid(grid_values(**overrides))
+
+
+def test_api_grid_numbers_may_be_single_numbers_or_lists(trained):
+    webui, jobs, root = trained
+    request = jobs.prepare_grid(grid_values(weights=1, epochs=2, seeds=7, steps="4", cfg_scale=6))
+    assert request.spec.weights == [1.0] and [row.epoch for row in request.rows] == [2]
+    assert request.spec.seeds == [7] and request.spec.steps == 4 and request.spec.cfg_scale == 6.0
+    request = jobs.prepare_grid(grid_values(weights=[0.5, 1], epochs=[1, 2], seeds=[7, 8], third_axis="seed"))
+    assert request.spec.weights == [0.5, 1.0] and request.spec.seeds == [7, 8]
+    assert jobs.prepare_grid(grid_values(negative_prompt=None)).spec.negative_prompt == ""
+
+
 def test_grid_settings_take_the_values_the_tab_shows(trained):
     """The API accepts what the tab sends: epochs "all" (its default) or empty, third axis "none"."""
     webui, jobs, root = trained
@@ -299,3 +328,68 @@ def test_an_sd1_lora_on_a_loaded_sdxl_model_is_refused(trained):
     assert job.state == "failed"
     assert "gridlora is an SD1.x LoRA and the loaded model is SDXL" in job.error
     assert not (request.out_dir / "grid.png").exists()
+
+
+@pytest.mark.parametrize("delete_others", ["0", "no", 1, 0, [], {}, "yes please"])
+def test_delete_others_that_is_not_true_or_false_is_refused_and_deletes_nothing(trained, delete_others):
+    """An API body's delete_others is read strictly: the JSON string "false" (or "0") must not delete epochs."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    assert job.state == "done", job.error
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    before = sorted(p.name for p in lora_folder.iterdir())
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    with pytest.raises(ConfigError, match="delete_others must be true or false"):
+        jobs.choose("gridlora", picked.file, picked.weight, picked.picture, delete_others)
+    assert sorted(p.name for p in lora_folder.iterdir()) == before
+
+
+def test_delete_others_false_as_text_keeps_the_other_epochs(trained):
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    result = jobs.choose("gridlora", picked.file, picked.weight, picked.picture, " False ")
+    assert result.deleted == [] and (lora_folder / "gridlora-000001.safetensors").exists()
+
+
+def center_of_first_cell(grid_folder) -> tuple[float, float]:
+    from lib_train.preview.grid_image import GridLayout
+    layout = GridLayout.from_dict(json.loads((grid_folder / "grid.json").read_text("utf-8"))["layout"])
+    left, top, right, bottom = layout.cell_box(0, 0, 0)
+    return (left + right) / 2, (top + bottom) / 2
+
+
+def test_choosing_while_a_job_runs_is_refused_before_any_file_changes(trained):
+    """A running job holds the queue lock that choosing needs to un-merge the Lora: the choice would write the files,
+    then hang until the job ends (an hour of training)."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    lora_folder = root / "models" / "Lora" / "gridlora"
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    before = {p.name: p.read_bytes() for p in lora_folder.iterdir()}
+    running = jobs.begin()
+    running.kind = "train"
+    try:
+        with pytest.raises(ConfigError, match="A training is already running; stop it or wait for it to finish"):
+            jobs.choose("gridlora", picked.file, picked.weight, picked.picture, True)
+    finally:
+        running.state = "done"
+    assert {p.name: p.read_bytes() for p in lora_folder.iterdir()} == before
+
+
+def test_a_grid_without_its_index_or_cell_picture_is_named(trained):
+    """A grid folder left without grid.json (rendering cut short) or a deleted cell picture: a message, not a
+    FileNotFoundError (a 500 from the API)."""
+    webui, jobs, root = trained
+    request, job = render(jobs, weights="1")
+    picked = jobs.pick("gridlora", request.out_dir, *center_of_first_cell(request.out_dir))
+    (request.out_dir / "grid.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match="has no readable grid.json"):
+        jobs.pick("gridlora", request.out_dir, 10, 10)
+    (request.out_dir / "grid.json").unlink()
+    with pytest.raises(ConfigError, match="has no readable grid.json"):
+        jobs.pick("gridlora", request.out_dir, 10, 10)
+    picked.picture.unlink()
+    with pytest.raises(ConfigError, match="picture of that cell .* is missing"):
+        jobs.choose("gridlora", picked.file, picked.weight, picked.picture)

@@ -15,7 +15,7 @@ from lib_train.engine.model_guard import fingerprint
 from lib_train.preview.epoch_recommendation import GRID_MARK, marked_labels, recommend_epoch
 from lib_train.preview.grid_spec import epoch_files
 from lib_train.webui.grid import cell_of
-from lib_train.webui.jobs import Folders, TrainingJobs
+from lib_train.webui.jobs import Folders, TrainingJobs, read_flag
 
 from .conftest import make_concept_images
 from .webui_standin import make_webui
@@ -104,6 +104,21 @@ def test_changed_settings_are_named_then_accepted(root):
     assert accepted.state == "done", accepted.error
     assert accepted.changes == refused.changes and accepted.step == accepted.total_steps
     assert [f.epoch for f in epoch_files(root / "models" / "Lora" / "live", "live")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("accept_changes", ["false", "0", 1, [], "maybe"])
+def test_accept_changes_is_read_strictly(root, accept_changes):
+    """An API body's accept_changes: true or false (or that as text); "false" is false, "0" or 1 are refused before
+    any job starts."""
+    jobs = runner(root)
+    config = jobs.prepare(settings(root / "pictures"))
+    if accept_changes == "false":
+        assert read_flag("false", "accept_changes") is False and read_flag(" TRUE ", "x") is True
+        assert read_flag(None, "accept_changes") is False
+        return
+    with pytest.raises(ConfigError, match="accept_changes must be true or false"):
+        jobs.run_in_background(config, resume=True, accept_changes=accept_changes)
+    assert jobs.current is None
 
 
 def test_continue_without_a_saved_run_and_foreign_folders_are_refused(root):

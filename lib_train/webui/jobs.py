@@ -87,6 +87,32 @@ class JobStatus:
         return asdict(self)
 
 
+def read_flag(value: object, key: str) -> bool:
+    """A yes/no field of an API body, read strictly: true or false (also as text); missing (None) is false. A JSON
+    string "false" or "0" is truthy to ``bool()``, and a ``delete_others`` read that way deletes epoch files."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(tr("{key} must be true or false, got {value!r}.", key=key, value=value))
+
+
+def _setting_number(key: str, value: object, integers: bool) -> int | float:
+    """A number of an API body or the tab (text or a number): never a bool, nor a whole number rounded from 20.5."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+        if integers:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (ValueError, OverflowError):
+        kind = tr("a whole number") if integers else tr("a number")
+        raise ConfigError(tr("Setting '{key}' must be {kind}, got {value!r}.", key=key, kind=kind, value=value)) from None
+
+
 def _holds_own_files(folder: Path) -> bool:
     """A Lora subfolder with ``<folder>.safetensors`` or its epoch files, found by name alone: the list is read
     at every page load, so no file is opened."""
@@ -279,15 +305,18 @@ class TrainingJobs:
     def begin(self) -> JobStatus:
         """Claim the single job slot (the caller then runs it under the queue lock)."""
         with self._guard:
-            if self.current is not None and self.current.state in ("queued", "running"):
-                what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
-                        "find-lr": tr("A learning-rate search"), "class-pictures": tr("A class-pictures job")
-                        }.get(self.current.kind, tr("A training"))
-                raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
+            self._refuse_while_running()
             self._stop.clear()
             self._save_now = SaveNow()  # a request left from the last job is not this one's
             self.current = JobStatus(id=f"task(train-tools-{uuid.uuid4().hex[:8]})", started_at=time.time())
             return self.current
+
+    def _refuse_while_running(self) -> None:
+        if self.current is not None and self.current.state in ("queued", "running"):
+            what = {"grid": tr("A preview grid"), "prepare": tr("A preparation for training"),
+                    "find-lr": tr("A learning-rate search"), "class-pictures": tr("A class-pictures job")
+                    }.get(self.current.kind, tr("A training"))
+            raise ConfigError(tr("{what} is already running; stop it or wait for it to finish.", what=what))
 
     def run(self, job: JobStatus, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
         """Train on the live model, or with ``resume`` continue the project's saved run (``accept_changes``: even
@@ -494,9 +523,10 @@ class TrainingJobs:
                 tr("THE LIVE MODEL CHANGED: reload the checkpoint before generating, and please report this."))
         return job
 
-    def run_in_background(self, config: TrainConfig, resume: bool = False, accept_changes: bool = False) -> JobStatus:
+    def run_in_background(self, config: TrainConfig, resume: bool = False, accept_changes: object = False) -> JobStatus:
         """For the HTTP API: train (or continue) under the queue lock on a thread, registered with the WebUI's
-        progress."""
+        progress. ``accept_changes`` as an API body gives it (see ``read_flag``)."""
+        accept_changes = read_flag(accept_changes, "accept_changes")
         job = self.begin()
         job.kind = "continue" if resume else "train"
         self._in_background(job, lambda: self.run(job, config, resume, accept_changes))
@@ -581,20 +611,28 @@ class TrainingJobs:
         ("0.4, 0.6, 1"), epochs as "all" (or nothing) for every epoch file, the third axis as "none"."""
         name = check_output_name(str(values.get("name", "")))
         third_axis = values.get("third_axis") or None
-        given: dict = {"prompt": str(values.get("prompt", "")), "third_axis": None if third_axis == "none" else third_axis}
+        given: dict = {"prompt": str(values.get("prompt") or ""), "third_axis": None if third_axis == "none" else third_axis}
         if isinstance(values.get("epochs"), str) and values["epochs"].strip().lower() == "all":
             values = dict(values, epochs="")
-        for key, convert in (("negative_prompt", str), ("sampler", str), ("steps", int), ("cfg_scale", float),
-                             ("width", int), ("height", int)):
+        for key in ("negative_prompt", "sampler"):
             if key in values:
-                given[key] = convert(values[key])
+                given[key] = str(values[key] or "")  # JSON null: empty, not the text "None"
+        for key, integers in (("steps", True), ("cfg_scale", False), ("width", True), ("height", True)):
+            if key in values:
+                given[key] = _setting_number(key, values[key], integers)
         for key, label, integers in (("seeds", tr("seeds"), True), ("weights", tr("weights"), False),
                                      ("cfg_values", tr("CFG scales"), False), ("epochs", tr("epochs"), True)):
             value = values.get(key)
+            # An API body may give a list or a single number: read as the tab's text, so each gets its checks.
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(str(item) for item in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
             if isinstance(value, str):
-                value = parse_number_list(value, label, integers) if value.strip() else []
-            if value is not None:
-                given[key] = list(value)
+                given[key] = parse_number_list(value, label, integers) if value.strip() else []
+            elif value is not None:
+                kind = tr("a whole number") if integers else tr("a number")
+                raise ConfigError(tr("'{part}' in the {label} is not {kind}.", part=value, label=label, kind=kind))
         given["epochs"] = given.get("epochs") or None  # none given: every epoch file
         spec = GridSpec(**given).validate()  # what is not given keeps GridSpec's defaults
         available = epoch_files(self.folders.lora_dir / name, name)
@@ -651,17 +689,29 @@ class TrainingJobs:
         if folder.parent != grids or not folder.is_dir():
             raise ConfigError(tr("{grid_folder} is not one of the preview grids of {name}.", grid_folder=grid_folder,
                                  name=name))
-        return cell_at(folder, x, y)
+        try:
+            return cell_at(folder, x, y)
+        except (OSError, ValueError, KeyError, TypeError):  # cut short before its index, or the index edited
+            raise ConfigError(tr("The preview grid {grid_folder} has no readable grid.json: render the grid again.",
+                                 grid_folder=grid_folder)) from None
 
-    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: bool = False) -> ChoiceResult:
+    def choose(self, name: str, file: Path, weight: float, picture: Path, delete_others: object = False) -> ChoiceResult:
         """Make a grid cell's epoch the LoRA's file, preview and preferred weight, then un-merge the built-in
         Lora's weights: it re-merges only when a prompt's (name, weight) changes, so a `<lora:name:w>` used
-        before would keep the replaced file's weights merged."""
+        before would keep the replaced file's weights merged. ``delete_others`` as an API body gives it (see
+        ``read_flag``)."""
+        delete_others = read_flag(delete_others, "delete_others")
+        # The un-merge below needs the queue lock, which a running job holds: refused before any file is written,
+        # not written and then waiting for the job's end (the files may also be the running grid's rows).
+        self._refuse_while_running()
         name = check_output_name(name)
         folder = self.folders.lora_dir / name
         epoch = next((f for f in epoch_files(folder, name) if f.path == Path(file)), None)
         if epoch is None:
             raise ConfigError(tr("{file} is not a saved file of {name} any more.", file=file, name=name))
+        if not Path(picture).is_file():
+            raise ConfigError(tr("The picture of that cell ({picture}) is missing: render the grid again.",
+                                 picture=picture))
         with Image.open(picture) as cell:
             result = choose_epoch(folder, name, epoch, weight, cell.convert("RGB"), delete_others=delete_others)
         with self.webui.call_queue.queue_lock:

@@ -8,6 +8,17 @@ from ..common.errors import ConfigError
 from ..common.i18n import tr
 
 
+def exposed_to_network(cmd_opts) -> bool:
+    """Whether the WebUI is reachable from other machines without --enable-insecure-extension-access: its own
+    ``disable_extension_access`` where it sets one, else the same flags (--share, --listen, --ngrok, --server-name)."""
+    verdict = getattr(cmd_opts, "disable_extension_access", None)
+    if verdict is not None:
+        return bool(verdict)
+    flags = ("share", "listen", "ngrok", "server_name")
+    return any(getattr(cmd_opts, flag, None) for flag in flags) and not getattr(
+        cmd_opts, "enable_insecure_extension_access", False)
+
+
 def confine(path: str | Path, allowed_roots: list[Path], what: str) -> Path:
     """The resolved path, if it lies inside one of ``allowed_roots`` (links resolved, so no escape by symlink)."""
     resolved = Path(path).expanduser().resolve()

@@ -11,6 +11,7 @@ from modules import (call_queue, devices, images, paths, processing, progress, s
 
 from lib_train.webui.host import WebUI
 from lib_train.webui.jobs import Folders, TrainingJobs
+from lib_train.webui.path_policy import exposed_to_network
 
 _jobs: TrainingJobs | None = None
 
@@ -19,12 +20,11 @@ def jobs() -> TrainingJobs:
     global _jobs
     if _jobs is None:
         cmd = shared.cmd_opts
-        exposed = bool(cmd.share or cmd.listen or cmd.server_name) and not cmd.enable_insecure_extension_access
         folders = Folders(
             lora_dir=Path(getattr(cmd, "lora_dir", None) or os.path.join(paths.models_path, "Lora")),
             projects_dir=Path(getattr(cmd, "train_tools_dir", None) or os.path.join(paths.data_path, "train_tools")),
             data_dir=Path(paths.data_path),
-            exposed=exposed,
+            exposed=exposed_to_network(cmd),  # --ngrok too, as the WebUI's own extension-access check
         )
         webui = WebUI(shared=shared, devices=devices, sd_hijack=sd_hijack, processing=processing,
                       sd_samplers_common=sd_samplers_common, call_queue=call_queue, progress=progress, sd_vae=sd_vae, sd_models=sd_models, images=images,
