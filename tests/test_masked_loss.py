@@ -145,8 +145,10 @@ def identical(a: dict, b: dict) -> bool:
 def test_masked_training_counts_only_the_visible_parts(tmp_path):
     opaque = rgba_folder(tmp_path / "opaque" / "2_c", opaque=True)
     _, plain = train(opaque.parent, tmp_path / "plain")
-    _, fully_visible = train(opaque.parent, tmp_path / "visible", masked_loss=True)
+    visible_result, fully_visible = train(opaque.parent, tmp_path / "visible", masked_loss=True)
     assert identical(plain, fully_visible)  # a mask of ones changes nothing, bit for bit
+    # ... and the user is told that masked loss had nothing to mask (Dataset-page imports are flattened)
+    assert len(visible_result.notes) == 1 and "no training picture has transparent parts" in visible_result.notes[0]
 
     one = rgba_folder(tmp_path / "one" / "2_c", garbage_seed=0)
     other = rgba_folder(tmp_path / "other" / "2_c", garbage_seed=50)  # other colours where alpha is 0
@@ -156,6 +158,7 @@ def test_masked_training_counts_only_the_visible_parts(tmp_path):
     _, unmasked = train(one.parent, tmp_path / "unmasked")
     assert identical(masked, masked_other) and not identical(masked, unmasked)
     assert result.steps == 6 and all(loss > 0 for _, loss in result.loss_history)
+    assert result.notes == []
     assert {p: p.read_bytes() for p in before} == before  # the pictures are never modified
     assert sorted(p.name for p in one.iterdir()) == sorted(
         [f"pic_{i}.png" for i in range(3)] + [f"pic_{i}.txt" for i in range(3)])

@@ -244,6 +244,7 @@ class TrainingData:
         self._latents: list[torch.Tensor] | None = None
         self._flipped_latents: list[torch.Tensor] | None = None
         self._masks: dict[tuple[int, bool], torch.Tensor] | None = None  # (index, mirrored), with masked loss
+        self.masked_pictures = 0  # training pictures whose mask leaves something out (alpha below 255 somewhere)
 
     def _choose_no_upscale_buckets(self, resolution: int, step: int) -> list[BucketChoice]:
         choices = [choose_no_upscale_bucket(r.size, resolution, step) for r in self.records]
@@ -339,6 +340,8 @@ class TrainingData:
                     if cache is not None:
                         cache.save_mask(record.path, *self._prepared(index), flipped, latent_size, mask)
                 masks[index, flipped] = mask.to(device=device, dtype=torch.float32)
+        self.masked_pictures = sum(1 for index, record in enumerate(self.records)
+                                   if not record.is_reg and bool((masks[index, False] < 1).any()))
         return masks
 
     def _prepared(self, index: int) -> tuple[Size, Size]:

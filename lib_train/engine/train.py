@@ -44,6 +44,7 @@ class TrainResult:
     validation_history: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, step, loss)
     continued_from_epoch: int = 0  # 0: a run from the start
     changes: list[str] = field(default_factory=list)  # what a continued run accepted to change
+    notes: list[str] = field(default_factory=list)  # what the user should know of how the run went
 
 
 def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | None = None,
@@ -89,6 +90,12 @@ def train_lora(host: TrainingHost, config: TrainConfig, cache: CacheFolder | Non
     with ExitStack() as cleanup:
         try:
             run = start_run(cleanup, host, config, data, cache, result.cache, result.total_steps, amp_dtype)
+            if config.masked_loss and data.masked_pictures == 0:  # else it would train the whole pictures unsaid
+                result.notes.append(tr("Masked loss is on, but no training picture has transparent parts: every "
+                                       "picture counts whole. Pictures imported on the Dataset page are flattened "
+                                       "onto their background; for masked loss, train from a folder of PNG "
+                                       "pictures with an alpha channel."))
+                host.report(Progress("caching", message=result.notes[-1]))
             if saved:
                 restore(run, saved, config.optimizer_arguments(result.total_steps))
             elif config.initial_lora:

@@ -346,7 +346,7 @@ class TrainingJobs:
                  tr("Done: {steps} steps", steps=result.steps)) + \
                 (tr("; saved {count} file(s).", count=len(result.saved_files)) if result.saved_files else
                  tr("; nothing saved.")) + \
-                f" {result.cache.summary()}" + \
+                f" {result.cache.summary()}" + "".join(f" {note}" for note in result.notes) + \
                 (tr(" Skipped {count_skipped_files} unusable file(s):\n",
                     count_skipped_files=len(result.skipped_files)) + "\n".join(f"- {s}" for s in result.skipped_files)
                  if result.skipped_files else "")
