@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from lib_train.common.errors import ConfigError
+from lib_train.common.i18n import CHINESE, language_scope
 from lib_train.dataset.training_data import scan_training_folder
 from lib_train.engine.metadata import RunFacts, lora_metadata, sidecar
 from lib_train.engine.save import OutputPlan, write_lora, write_sidecar
@@ -207,8 +208,10 @@ def test_missing_epochs_and_too_many_rows_are_refused(tmp_path):
         GridSpec(prompt="p", epochs=[2, 5]).select_epochs(available)
     # All epochs (None) is only known once the files are listed: the count is checked there.
     many = GridSpec(prompt="p", weights=[i / 10 for i in range(1, 21)], seeds=[1, 2], third_axis="seed")
-    expected = f"120 cells \\(20 weights × 3 epochs × 2 seed values\\); at most {MAX_CELLS}"
+    expected = f"120 cells \\(20 weights × 3 epochs × 2 seeds\\); at most {MAX_CELLS}"
     with pytest.raises(ConfigError, match=expected):
+        many.validate().select_epochs(available)
+    with language_scope(CHINESE), pytest.raises(ConfigError, match="20 个权重 × 3 轮 × 2 个种子"):
         many.validate().select_epochs(available)
     with pytest.raises(ConfigError, match="no saved files"):
         GridSpec(prompt="p").select_epochs([])

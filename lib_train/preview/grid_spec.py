@@ -248,8 +248,10 @@ class GridSpec:
         depth = len(self.z_values())
         total = len(self.weights) * rows * depth
         if total > MAX_CELLS:
-            shape = f"{len(self.weights)} weights × {rows} epochs" + (f" × {depth} {self.third_axis} values"
-                                                                       if self.third_axis else "")
+            shape = tr("{weights} weights × {rows} epochs", weights=len(self.weights), rows=rows)
+            if self.third_axis:
+                axis = tr("seeds") if self.third_axis == "seed" else tr("CFG scales")
+                shape += tr(" × {depth} {axis}", depth=depth, axis=axis)
             raise ConfigError(tr("The grid would have {total} cells ({shape}); at most {MAX_CELLS}. Remove some "
                                  "weights, epochs or third-axis values.", total=total, shape=shape,
                                  MAX_CELLS=MAX_CELLS))
