@@ -11,6 +11,7 @@ import pytest
 from lib_train.common.errors import ConfigError, TrainingDiverged
 from lib_train.engine.lr_finder import find_learning_rate
 from lib_train.engine.model_guard import hook_count
+from lib_train.engine.train import train_lora
 
 from .conftest import make_concept_images, tiny_config
 from .test_training import full_fingerprint
@@ -87,3 +88,15 @@ def test_a_probe_that_diverges_says_so_and_restores_the_host(tiny_host, pictures
         find_learning_rate(tiny_host, tiny_config(pictures, tmp_path / "out", batch_size=4, lr_finder_steps=10))
     monkeypatch.undo()
     assert full_fingerprint(tiny_host) == before and hook_count(tiny_host.model) == 0
+
+
+def test_the_probe_starts_from_the_lora_the_training_starts_from(tiny_host, pictures, tmp_path):
+    """With "Start from a LoRA" the probe measures from those weights, as the training that follows starts there."""
+    start = train_lora(tiny_host, tiny_config(pictures, tmp_path / "first", epochs=1, unet_lr=1e-2)).saved_files[-1]
+    fresh = find_learning_rate(tiny_host, tiny_config(pictures, tmp_path / "out", lr_finder_steps=2))
+    continued = find_learning_rate(tiny_host, tiny_config(pictures, tmp_path / "out", lr_finder_steps=2,
+                                                          initial_lora=str(start)))
+    assert continued.loss_history[0][1] != fresh.loss_history[0][1]  # the first loss is the start's, before a step
+    with pytest.raises(ConfigError, match="rank|layout|shape"):  # a file of another layout is refused, not ignored
+        find_learning_rate(tiny_host, tiny_config(pictures, tmp_path / "out", lr_finder_steps=2, rank=8,
+                                                  alpha=8.0, initial_lora=str(start)))

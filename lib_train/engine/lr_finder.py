@@ -17,6 +17,7 @@ from ..common.tensor_store import CacheFolder, CacheReport
 from ..hosts.protocol import Progress, TrainingHost
 from .config import TrainConfig
 from .optim import OPTIMIZER_KINDS, effective_learning_rates
+from .initial_lora import load_initial_lora
 from .steps import StopRequested, check_run, epoch_steps, start_run, usable_pictures
 
 # No bias correction and no warmup safeguard: both are for long runs with a warmup, and they hold d near its
@@ -115,6 +116,8 @@ def find_learning_rate(host: TrainingHost, config: TrainConfig, cache: CacheFold
         try:
             run = start_run(cleanup, host, probe, data, cache, finding.cache, finding.total_steps, amp_dtype,
                             optimizer_per_part=True)
+            if probe.initial_lora:  # probed from where the training will start
+                load_initial_lora(run.network, probe.initial_lora)
             steps = itertools.chain.from_iterable(epoch_steps(host, probe, run, data, epoch, finding.steps)
                                                   for epoch in itertools.count(1))
             for step in itertools.islice(steps, finding.total_steps):
